@@ -1,0 +1,160 @@
+"""The ``ticketlock-loadtest`` command line: parse arguments, run, report, and exit with a meaningful status.
+
+Exit status: 0 when every locked phase is correct; 1 when a locked phase shows an anomaly (or, with
+``--require-oversell``, when an unlocked phase did not oversell); 2 for usage errors or an unreachable service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from loadtest.client import ServiceError, ServiceUnreachable
+from loadtest.report import print_report, print_verdicts, svg_sections, to_json
+from loadtest.runner import LoadOptions, RunResult, run
+from loadtest.timeline import render_svg
+
+MODES = ("unlocked", "locked")
+EXIT_CORRECT, EXIT_ANOMALY, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``ticketlock-loadtest`` and ``python -m loadtest``."""
+    sys.exit(cli(argv, sys.stdout, sys.stderr))
+
+
+def cli(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
+    """Run the command line and return its exit status (``main`` without ``sys.exit``, for tests)."""
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    try:
+        options = options_from(arguments)
+    except ValueError as error:
+        parser.error(str(error))
+    progress = None if arguments.quiet or arguments.json else Progress(err)
+    try:
+        result = run(options, progress)
+    except (ServiceUnreachable, ServiceError, RuntimeError) as error:
+        print(f"ticketlock-loadtest: {error}", file=err)
+        return EXIT_USAGE
+    status = exit_status(result, require_oversell=arguments.require_oversell)
+    if arguments.svg:
+        arguments.svg.write_text(render_svg(svg_sections(result)))
+    if arguments.json:
+        json.dump(to_json(result, status), out, indent=2, ensure_ascii=False)
+        out.write("\n")
+    elif arguments.quiet:
+        print_verdicts(result, out)
+    else:
+        print_report(result, out, show_timeline=not arguments.no_timeline, verbose=arguments.verbose)
+        if arguments.svg:
+            print(f"\ntimeline written to {arguments.svg}", file=out)
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; ``--help`` documents every option."""
+    parser = argparse.ArgumentParser(
+        prog="ticketlock-loadtest",
+        description="Fire concurrent buyers at the booking API, unlocked then locked, and check every outcome. "
+        "Without --url it starts its own service (gunicorn, 4 workers, a temporary db.json) and stops it after.",
+    )
+    target = parser.add_argument_group("target")
+    target.add_argument("--url", help="a running service, e.g. http://127.0.0.1:8000 (default: start one)")
+    target.add_argument("--token", help="admin token for PUT /mode and POST /reset, if the service needs one")
+    target.add_argument("--workers", type=int, default=4, help="workers of the embedded service (default 4)")
+    load = parser.add_argument_group("load")
+    load.add_argument("--buyers", type=int, default=100, help="buyers per phase (default 100)")
+    load.add_argument("--tickets", type=int, default=10, help="tickets per phase (default 10)")
+    load.add_argument("--concurrency", type=int, help="buyers in flight at once (default: all of them)")
+    load.add_argument(
+        "--modes", default="unlocked,locked", help="phases to run, comma-separated (default unlocked,locked)"
+    )
+    load.add_argument("--trials", type=int, default=1, help="repeat each phase and aggregate (default 1)")
+    load.add_argument("--race-window-ms", type=int, help="set the service's race window (default: keep its own)")
+    load.add_argument("--timeout", type=float, default=10.0, help="seconds before a request counts as unknown")
+    output = parser.add_argument_group("output")
+    output.add_argument("--json", action="store_true", help="print the whole result as one JSON document")
+    output.add_argument("--svg", type=Path, help="also write the timeline of each phase to this SVG file")
+    output.add_argument("--no-timeline", action="store_true", help="leave the text timelines out")
+    output.add_argument("-q", "--quiet", action="store_true", help="print only the verdict lines")
+    output.add_argument("-v", "--verbose", action="store_true", help="also print errors and anomalies per phase")
+    parser.add_argument(
+        "--require-oversell", action="store_true", help="exit 1 if an unlocked phase did not oversell"
+    )
+    return parser
+
+
+def options_from(arguments: argparse.Namespace) -> LoadOptions:
+    """Check the arguments and turn them into LoadOptions (ValueError with a clear message)."""
+    modes = tuple(mode.strip() for mode in arguments.modes.split(",") if mode.strip())
+    if not modes or any(mode not in MODES for mode in modes):
+        raise ValueError(f"--modes takes a comma-separated list of {', '.join(MODES)}")
+    for name in ("buyers", "trials", "workers"):
+        if getattr(arguments, name) < 1:
+            raise ValueError(f"--{name} must be at least 1")
+    if arguments.tickets < 0:
+        raise ValueError("--tickets must not be negative")
+    if arguments.concurrency is not None and arguments.concurrency < 1:
+        raise ValueError("--concurrency must be at least 1")
+    if arguments.race_window_ms is not None and not 0 <= arguments.race_window_ms <= 5000:
+        raise ValueError("--race-window-ms must be 0..5000")
+    if arguments.timeout <= 0:
+        raise ValueError("--timeout must be positive")
+    if arguments.url is not None and not arguments.url.startswith(("http://", "https://")):
+        raise ValueError("--url must start with http:// or https://")
+    return LoadOptions(
+        url=arguments.url,
+        token=arguments.token,
+        workers=arguments.workers,
+        buyers=arguments.buyers,
+        tickets=arguments.tickets,
+        concurrency=arguments.concurrency,
+        modes=modes,
+        trials=arguments.trials,
+        race_window_ms=arguments.race_window_ms,
+        timeout_s=arguments.timeout,
+    )
+
+
+def exit_status(result: RunResult, *, require_oversell: bool = False) -> int:
+    """0 if every locked phase is correct (and, if required, every unlocked phase oversold), else 1."""
+    for phase in result.phases:
+        if phase.mode == "locked" and not phase.check.correct:
+            return EXIT_ANOMALY
+        if phase.mode == "unlocked" and require_oversell and not phase.check.oversold:
+            return EXIT_ANOMALY
+    return EXIT_CORRECT
+
+
+class Progress:
+    """Shows how many buyers have answered: a live counter on a terminal, plain lines otherwise."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.live = stream.isatty()
+        self.started: dict[str, float] = {}
+        self.shown_at = 0.0
+
+    def __call__(self, label: str, answered: int, buyers: int) -> None:
+        now = time.monotonic()
+        if answered == 0:
+            self.started[label] = now
+            if not self.live:
+                print(f"{label}: releasing {buyers} buyers", file=self.stream, flush=True)
+            return
+        finished = answered == buyers
+        if self.live and (finished or now - self.shown_at > 0.1):
+            self.shown_at = now
+            self.stream.write(f"\r{label}: {answered}/{buyers} buyers answered")
+            if finished:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif finished:
+            elapsed = now - self.started.get(label, now)
+            print(f"{label}: {buyers} buyers answered in {elapsed:.2f} s", file=self.stream, flush=True)

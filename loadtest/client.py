@@ -1,0 +1,149 @@
+"""Talking to the booking API over HTTP, with the standard library's ``http.client`` (light enough for load)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from loadtest.checker import FAIL, INFO, OK, Outcome
+
+
+class ServiceUnreachable(Exception):
+    """No connection to the service could be made, or it did not answer in time."""
+
+
+class ServiceError(Exception):
+    """The service answered an admin call with an unexpected status; the message carries its error."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A parsed HTTP answer."""
+
+    status: int
+    body: Any
+    headers: dict[str, str]
+
+
+class ServiceClient:
+    """One booking service at ``base_url`` (``http://host:port`` with an optional path prefix)."""
+
+    def __init__(self, base_url: str, token: str | None = None, timeout_s: float = 10.0) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self.scheme = parts.scheme
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.prefix = parts.path.rstrip("/")
+        self.token = token
+        self.timeout_s = timeout_s
+
+    def connection(self) -> http.client.HTTPConnection:
+        """A new, not yet connected, HTTP connection to the service."""
+        kind = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+        return kind(self.host, self.port, timeout=self.timeout_s)
+
+    def request(self, method: str, path: str, body: object = None, admin: bool = False) -> Reply:
+        """Send one request on a fresh connection; ServiceUnreachable if no answer comes."""
+        connection = self.connection()
+        try:
+            return send(connection, method, self.prefix + path, body, self._headers(admin))
+        except (OSError, http.client.HTTPException) as error:
+            raise ServiceUnreachable(f"{self.base_url} did not answer {method} {path}: {describe(error)}") from None
+        finally:
+            connection.close()
+
+    def _headers(self, admin: bool) -> dict[str, str]:
+        if admin and self.token:
+            return {"Authorization": f"Bearer {self.token}"}
+        return {}
+
+    def expect(self, reply: Reply, status: int, what: str) -> Any:
+        """The reply's body if it has ``status``, else ServiceError naming the service's own error."""
+        if reply.status != status:
+            detail = reply.body.get("message") if isinstance(reply.body, dict) else reply.body
+            raise ServiceError(f"{what} failed with HTTP {reply.status}: {detail}")
+        return reply.body
+
+    def health(self) -> dict[str, Any]:
+        """``GET /health``."""
+        return self.expect(self.request("GET", "/health"), 200, "health check")
+
+    def tickets(self) -> dict[str, Any]:
+        """``GET /tickets``."""
+        return self.expect(self.request("GET", "/tickets"), 200, "reading the inventory")
+
+    def reset(self, tickets: int) -> dict[str, Any]:
+        """``POST /reset``: ``tickets`` tickets, no orders."""
+        return self.expect(self.request("POST", "/reset", {"tickets": tickets}, admin=True), 200, "reset")
+
+    def set_mode(self, mode: str, race_window_ms: int | None = None) -> dict[str, Any]:
+        """``PUT /mode``, optionally changing the race window too."""
+        change: dict[str, object] = {"mode": mode}
+        if race_window_ms is not None:
+            change["race_window_ms"] = race_window_ms
+        return self.expect(self.request("PUT", "/mode", change, admin=True), 200, "setting the mode")
+
+    def all_orders(self, page_size: int = 1000) -> list[dict[str, Any]]:
+        """Every recorded order, fetched page by page."""
+        orders: list[dict[str, Any]] = []
+        while True:
+            page = self.expect(
+                self.request("GET", f"/orders?limit={page_size}&offset={len(orders)}"), 200, "listing orders"
+            )
+            orders += page["orders"]
+            if not page["orders"] or len(orders) >= page["count"]:
+                return orders
+
+
+def send(
+    connection: http.client.HTTPConnection, method: str, path: str, body: object, headers: dict[str, str]
+) -> Reply:
+    """Send one request on ``connection`` and read the whole answer."""
+    payload = None if body is None else json.dumps(body).encode()
+    all_headers = {"Accept": "application/json", **headers}
+    if payload is not None:
+        all_headers["Content-Type"] = "application/json"
+    connection.request(method, path, body=payload, headers=all_headers)
+    response = connection.getresponse()
+    raw = response.read()
+    try:
+        parsed = json.loads(raw) if raw else None
+    except ValueError:
+        parsed = raw.decode(errors="replace")
+    return Reply(response.status, parsed, dict(response.getheaders()))
+
+
+def buy(connection: http.client.HTTPConnection, path: str, buyer: str, quantity: int = 1) -> Outcome:
+    """One buyer's purchase on an (ideally already open) connection, classified as ok, fail or info."""
+    invoked_at = time.time()
+    try:
+        reply = send(connection, "POST", path, {"buyer": buyer, "quantity": quantity}, {})
+    except (OSError, http.client.HTTPException) as error:
+        return Outcome(buyer, quantity, INFO, invoked_at, time.time(), error=describe(error))
+    finally:
+        connection.close()
+    completed_at = time.time()
+    error = reply.body.get("error") if isinstance(reply.body, dict) else None
+    if reply.status == 201 and isinstance(reply.body, dict) and "order_id" in reply.body:
+        return Outcome(buyer, quantity, OK, invoked_at, completed_at, reply.status, order=reply.body)
+    kind = FAIL if 400 <= reply.status < 500 else INFO
+    return Outcome(buyer, quantity, kind, invoked_at, completed_at, reply.status, error or f"http_{reply.status}")
+
+
+def describe(error: BaseException) -> str:
+    """A short, stable name for a network failure: ``timeout``, ``connection_refused``, ..."""
+    if isinstance(error, (socket.timeout, TimeoutError)):
+        return "timeout"
+    if isinstance(error, ConnectionRefusedError):
+        return "connection_refused"
+    if isinstance(error, (ConnectionResetError, http.client.RemoteDisconnected)):
+        return "connection_reset"
+    return type(error).__name__

@@ -1,0 +1,168 @@
+"""A real booking service for one run: gunicorn with several workers, a temporary db.json, a free loopback port.
+
+The listening socket is opened here and handed to gunicorn (``--bind fd://N``), so the port is known before
+gunicorn starts and no other program can take it in between. gunicorn runs in its own process group; stopping
+sends SIGTERM to the group, waits, then SIGKILLs whatever is left, and checks by PID that nothing remains.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from loadtest.client import ServiceClient, ServiceError, ServiceUnreachable
+from service.serve import gunicorn_command
+
+STARTUP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+
+class EmbeddedService:
+    """``with EmbeddedService(workers=4) as service:`` serves ``service.url`` until the block ends."""
+
+    def __init__(
+        self,
+        workers: int = 4,
+        race_window_ms: int | None = None,
+        admin_token: str | None = None,
+        directory: Path | None = None,
+        environment: dict[str, str] | None = None,
+    ) -> None:
+        self.workers = workers
+        self.race_window_ms = race_window_ms
+        self.admin_token = admin_token
+        self.extra_environment = environment or {}
+        self._temporary = None if directory else tempfile.TemporaryDirectory(prefix="ticketlock-")
+        self.directory = Path(directory or self._temporary.name)  # type: ignore[union-attr]
+        self.db_path = self.directory / "db.json"
+        self.log_path = self.directory / "gunicorn.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def __enter__(self) -> EmbeddedService:
+        self.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start gunicorn and wait until ``GET /health`` answers."""
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1024)
+        listener.set_inheritable(True)
+        self.url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        with listener, open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                gunicorn_command("--bind", f"fd://{listener.fileno()}"),
+                env=self._environment(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                pass_fds=[listener.fileno()],
+                start_new_session=True,  # its own process group, so stop() reaches every worker
+            )
+        self._wait_until_healthy()
+
+    def _environment(self) -> dict[str, str]:
+        environment = {
+            **os.environ,
+            "TICKETLOCK_DB": str(self.db_path),
+            "TICKETLOCK_WORKERS": str(self.workers),
+            **self.extra_environment,
+        }
+        if self.race_window_ms is not None:
+            environment["TICKETLOCK_RACE_WINDOW_MS"] = str(self.race_window_ms)
+        if self.admin_token is not None:
+            environment["TICKETLOCK_ADMIN_TOKEN"] = self.admin_token
+        return environment
+
+    def _wait_until_healthy(self) -> None:
+        assert self.process is not None
+        client = ServiceClient(self.url, timeout_s=2.0)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self._fail(f"gunicorn exited with {self.process.returncode} at start")
+            try:
+                client.health()
+                return
+            except (ServiceUnreachable, ServiceError):
+                time.sleep(0.05)
+        self._fail(f"gunicorn did not answer within {STARTUP_TIMEOUT_S:g} s")
+
+    def _fail(self, problem: str) -> None:
+        log = self.log_tail()
+        self.stop()
+        raise RuntimeError(f"{problem}; the end of its log:\n{log}")
+
+    @property
+    def master_pid(self) -> int | None:
+        """The gunicorn master's PID (also its process group id), while it runs."""
+        return self.process.pid if self.process else None
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the master's worker processes right now."""
+        return [pid for pid in processes_in_group(self.master_pid or -1) if pid != self.master_pid]
+
+    def stop(self) -> None:
+        """SIGTERM the process group, wait, SIGKILL what is left; raise if any of its processes survives."""
+        if self.process is None:
+            return
+        group = self.process.pid
+        _signal_group(group, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            _signal_group(group, signal.SIGKILL)
+            self.process.wait(timeout=STOP_TIMEOUT_S)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while processes_in_group(group) and time.monotonic() < deadline:
+            _signal_group(group, signal.SIGKILL)
+            time.sleep(0.05)
+        survivors = processes_in_group(group)
+        self.process = None
+        if self._temporary:
+            self._temporary.cleanup()
+        if survivors:
+            raise RuntimeError(f"processes {survivors} of the service survived SIGKILL")
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of gunicorn's log, for error messages."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def processes_in_group(group: int) -> list[int]:
+    """PIDs of live (not zombie) processes whose process group is ``group``, read from /proc."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name (field 2) is in parentheses and may hold spaces: split after its closing one.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        state, process_group = fields[0], int(fields[2])
+        if process_group == group and state != "Z":
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def _signal_group(group: int, signal_number: signal.Signals) -> None:
+    try:
+        os.killpg(group, signal_number)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,165 @@
+"""Presenting a run: one verdict line per mode, a side-by-side table, the timelines, and the JSON document."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any, TextIO
+
+from loadtest.runner import PhaseResult, RunResult
+from loadtest.timeline import bars_from_orders, overlapping_pairs, render_text, shared_reads
+
+
+def modes_in(result: RunResult) -> list[str]:
+    """The modes of the run, in the order they ran."""
+    return list(dict.fromkeys(phase.mode for phase in result.phases))
+
+
+def verdict(mode: str, phases: Sequence[PhaseResult]) -> str:
+    """One line a learner can read: what the buyers were told and whether the store agrees."""
+    first = phases[0].check
+    head = f"{mode.upper()}: {first.buyers} buyers, {first.tickets} tickets"
+    if len(phases) > 1:
+        oversold = [phase.check.oversold for phase in phases]
+        wrong = sum(1 for phase in phases if not phase.check.correct)
+        if not wrong:
+            return f"{head}, {len(phases)} trials -> correct in all {len(phases)}: never oversold."
+        return (
+            f"{head}, {len(phases)} trials -> anomalies in {wrong} of {len(phases)}; "
+            f"oversold in {sum(1 for count in oversold if count)} (by {_span(oversold)})."
+        )
+    told = f"{first.ok} buyers were told they got a ticket"
+    if first.correct:
+        return f"{head} -> {told}, {first.fail} were told sold out: correct, nothing oversold."
+    if first.oversold:
+        return (
+            f"{head} -> {told}: oversold by {first.oversold} "
+            "(workers read the same count and each wrote count - 1)."
+        )
+    return f"{head} -> {told}: " + "; ".join(first.anomalies) + "."
+
+
+ROWS: list[tuple[str, Callable[[PhaseResult], Any]]] = [
+    ("race window (ms)", lambda phase: phase.race_window_ms),
+    ("buyers", lambda phase: phase.check.buyers),
+    ("tickets", lambda phase: phase.check.tickets),
+    ("ok (told: you got one)", lambda phase: phase.check.ok),
+    ("fail (told: sold out)", lambda phase: phase.check.fail),
+    ("info (outcome unknown)", lambda phase: phase.check.info),
+    ("remaining", lambda phase: phase.check.remaining),
+    ("orders recorded", lambda phase: phase.check.orders_recorded),
+    ("oversold", lambda phase: phase.check.oversold),
+    ("lost updates", lambda phase: phase.check.lost_updates),
+    ("lost orders", lambda phase: len(phase.check.lost_orders)),
+    ("unexpected orders", lambda phase: len(phase.check.unexpected_orders)),
+    ("duplicate ids", lambda phase: len(phase.check.duplicate_ids)),
+    ("workers (distinct pids)", lambda phase: len(phase.check.worker_pids)),
+    ("throughput (req/s)", lambda phase: round(phase.throughput_rps)),
+    ("latency p50 (ms)", lambda phase: round(phase.latency_ms.p50)),
+    ("latency p90 (ms)", lambda phase: round(phase.latency_ms.p90)),
+    ("latency p99 (ms)", lambda phase: round(phase.latency_ms.p99)),
+    ("latency max (ms)", lambda phase: round(phase.latency_ms.max)),
+    ("verdict", lambda phase: "correct" if phase.check.correct else "ANOMALY"),
+]
+
+
+def table(result: RunResult) -> str:
+    """Every figure, one column per mode; with several trials a cell shows the range ``min-max``."""
+    modes = modes_in(result)
+    label_width = max(len(label) for label, _ in ROWS)
+    header = " " * label_width + "".join(f"{mode:>12}" for mode in modes)
+    lines = [header]
+    for label, figure in ROWS:
+        cells = [_span([figure(phase) for phase in result.phases_for(mode)]) for mode in modes]
+        lines.append(f"{label:<{label_width}}" + "".join(f"{cell:>12}" for cell in cells))
+    return "\n".join(lines)
+
+
+def timelines(result: RunResult) -> str:
+    """The text timeline of each mode's first trial."""
+    pictures = []
+    for mode in modes_in(result):
+        phase = result.phases_for(mode)[0]
+        pictures.append(render_text(mode.upper(), bars_from_orders(phase.orders)))
+    return "\n\n".join(pictures)
+
+
+def svg_sections(result: RunResult) -> list[tuple[str, Any]]:
+    """(title, bars) of each mode's first trial, for ``timeline.render_svg``."""
+    sections = []
+    for mode in modes_in(result):
+        phase = result.phases_for(mode)[0]
+        check = phase.check
+        title = (
+            f"{mode.upper()}: {check.buyers} buyers, {check.tickets} tickets -> {check.ok} told success, "
+            f"oversold by {check.oversold}, {len(check.worker_pids)} workers"
+        )
+        sections.append((title, bars_from_orders(phase.orders)))
+    return sections
+
+
+def print_report(result: RunResult, out: TextIO, *, show_timeline: bool = True, verbose: bool = False) -> None:
+    """The whole human-readable report."""
+    options = result.options
+    where = "an embedded service" if result.embedded else "the service"
+    print(f"ticketlock load test against {where} at {result.url}", file=out)
+    print(
+        f"{options.buyers} buyers released at once for {options.tickets} tickets, per phase; "
+        f"{options.trials} trial(s) per mode\n",
+        file=out,
+    )
+    print_verdicts(result, out)
+    print("", file=out)
+    print(table(result), file=out)
+    if show_timeline:
+        print("", file=out)
+        print(timelines(result), file=out)
+    if verbose:
+        for phase in result.phases:
+            print(f"\n{phase.mode} #{phase.trial}: errors {phase.errors or 'none'}", file=out)
+            for anomaly in phase.check.anomalies:
+                print(f"  - {anomaly}", file=out)
+
+
+def print_verdicts(result: RunResult, out: TextIO) -> None:
+    """One verdict line per mode."""
+    for mode in modes_in(result):
+        print(verdict(mode, result.phases_for(mode)), file=out)
+
+
+def to_json(result: RunResult, exit_status: int) -> dict[str, Any]:
+    """The whole result as plain JSON data: options, every phase with its histories, and a summary per mode."""
+    phases = []
+    for phase in result.phases:
+        data = asdict(phase)
+        data["check"]["correct"] = phase.check.correct
+        bars = bars_from_orders(phase.orders)
+        data["timeline"] = {
+            "overlapping_pairs": len(overlapping_pairs(bars)),
+            "shared_reads": {str(count): len(group) for count, group in shared_reads(bars).items()},
+        }
+        phases.append(data)
+    summary = {
+        mode: {
+            "trials": len(result.phases_for(mode)),
+            "correct_trials": sum(1 for phase in result.phases_for(mode) if phase.check.correct),
+            "oversold_trials": sum(1 for phase in result.phases_for(mode) if phase.check.oversold),
+            "verdict": verdict(mode, result.phases_for(mode)),
+        }
+        for mode in modes_in(result)
+    }
+    return {
+        "url": result.url,
+        "embedded": result.embedded,
+        "options": asdict(result.options),
+        "phases": phases,
+        "summary": summary,
+        "exit_status": exit_status,
+    }
+
+
+def _span(values: Sequence[Any]) -> str:
+    if not values:
+        return "-"
+    low, high = min(values), max(values)
+    return str(low) if low == high else f"{low}-{high}"

@@ -1,0 +1,196 @@
+"""Running the load test: for each phase reset the store, set the mode, release every buyer at once, check.
+
+``run`` is the library entry point: it takes ``LoadOptions`` and returns a ``RunResult`` of plain data, with
+no printing except through the optional ``progress`` callback.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from loadtest.checker import INFO, Check, Outcome, check
+from loadtest.client import ServiceClient, buy
+from loadtest.embedded import STARTUP_TIMEOUT_S, EmbeddedService
+
+Progress = Callable[[str, int, int], None]  # (phase label, answered so far, buyers)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What to run. With ``url`` None, an embedded service with ``workers`` workers is started and stopped."""
+
+    url: str | None = None
+    token: str | None = None
+    workers: int = 4
+    buyers: int = 100
+    tickets: int = 10
+    concurrency: int | None = None  # buyers in flight at once; None: all of them
+    modes: Sequence[str] = ("unlocked", "locked")
+    trials: int = 1
+    race_window_ms: int | None = None  # None: keep the service's own
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Latency figures over one phase's buyers, in milliseconds."""
+
+    p50: float
+    p90: float
+    p99: float
+    max: float
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    """One phase (one mode, one trial): the check, its speed, and the raw material behind them."""
+
+    mode: str
+    trial: int
+    race_window_ms: int
+    check: Check
+    duration_s: float
+    throughput_rps: float
+    latency_ms: Latency
+    errors: dict[str, int]
+    outcomes: list[Outcome] = field(repr=False)
+    orders: list[dict[str, Any]] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A whole run: where it ran, with what options, and every phase in order."""
+
+    url: str
+    embedded: bool
+    options: LoadOptions
+    phases: list[PhaseResult]
+
+    def phases_for(self, mode: str) -> list[PhaseResult]:
+        """The trials of one mode."""
+        return [phase for phase in self.phases if phase.mode == mode]
+
+
+def run(options: LoadOptions, progress: Progress | None = None) -> RunResult:
+    """Run every phase of ``options`` and return the results; starts and stops the embedded service if needed."""
+    if options.url is not None:
+        return _run_against(options.url, options, progress, embedded=False)
+    with EmbeddedService(workers=options.workers) as service:
+        return _run_against(service.url, options, progress, embedded=True)
+
+
+def _run_against(url: str, options: LoadOptions, progress: Progress | None, embedded: bool) -> RunResult:
+    client = ServiceClient(url, token=options.token, timeout_s=options.timeout_s)
+    client.health()
+    phases = [
+        run_phase(client, options, mode, trial, progress)
+        for mode in options.modes
+        for trial in range(1, options.trials + 1)
+    ]
+    return RunResult(url=url, embedded=embedded, options=options, phases=phases)
+
+
+def run_phase(
+    client: ServiceClient, options: LoadOptions, mode: str, trial: int, progress: Progress | None = None
+) -> PhaseResult:
+    """Reset to ``options.tickets``, switch to ``mode``, release all buyers together, then read back and check."""
+    client.reset(options.tickets)
+    settings = client.set_mode(mode, options.race_window_ms)
+    label = mode if options.trials == 1 else f"{mode} #{trial}"
+    if progress:
+        progress(label, 0, options.buyers)
+    started = time.monotonic()
+    outcomes = release_buyers(client, options.buyers, options.concurrency or options.buyers, label, progress)
+    duration_s = time.monotonic() - started
+    remaining = client.tickets()["remaining"]
+    orders = client.all_orders()
+    return PhaseResult(
+        mode=mode,
+        trial=trial,
+        race_window_ms=settings["race_window_ms"],
+        check=check(options.tickets, outcomes, remaining, orders),
+        duration_s=duration_s,
+        throughput_rps=len(outcomes) / duration_s if duration_s > 0 else 0.0,
+        latency_ms=_latency(outcomes),
+        errors=_errors(outcomes),
+        outcomes=outcomes,
+        orders=orders,
+    )
+
+
+def release_buyers(
+    client: ServiceClient, buyers: int, concurrency: int, label: str, progress: Progress | None = None
+) -> list[Outcome]:
+    """Send ``buyers`` purchases from ``concurrency`` threads, all starting together behind a barrier."""
+    concurrency = max(1, min(concurrency, buyers))
+    outcomes: list[Outcome | None] = [None] * buyers
+    next_buyer = iter(range(buyers))
+    take_lock = threading.Lock()
+    answered = [0]
+    # Every thread connects first and then waits here, so the first requests leave within a millisecond.
+    start_line = threading.Barrier(concurrency)
+
+    def take() -> int | None:
+        with take_lock:
+            return next(next_buyer, None)
+
+    def report(index: int, outcome: Outcome) -> None:
+        outcomes[index] = outcome
+        with take_lock:
+            answered[0] += 1
+            done = answered[0]
+        if progress:
+            progress(label, done, buyers)
+
+    def buyer_thread() -> None:
+        connection = client.connection()
+        try:
+            connection.connect()
+        except OSError:
+            pass  # buy() reconnects and records the failure if the service is really unreachable
+        try:
+            start_line.wait(timeout=STARTUP_TIMEOUT_S)
+        except threading.BrokenBarrierError:
+            pass  # a thread that could not start must not hold the others back forever
+        while (index := take()) is not None:
+            report(index, buy(connection, client.prefix + "/orders", f"buyer-{index + 1}"))
+            connection = client.connection()
+
+    threads = [threading.Thread(target=buyer_thread, name=f"buyer-{n}") for n in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+def _latency(outcomes: Sequence[Outcome]) -> Latency:
+    if not outcomes:
+        return Latency(0.0, 0.0, 0.0, 0.0)
+    values = sorted(outcome.latency_s * 1000 for outcome in outcomes)
+    return Latency(
+        p50=statistics.median(values),
+        p90=_percentile(values, 90),
+        p99=_percentile(values, 99),
+        max=values[-1],
+    )
+
+
+def _percentile(sorted_values: Sequence[float], percent: float) -> float:
+    """Nearest-rank percentile: the smallest value with at least ``percent`` % of the values at or below it."""
+    rank = max(1, -(-len(sorted_values) * percent // 100))
+    return sorted_values[int(rank) - 1]
+
+
+def _errors(outcomes: Sequence[Outcome]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        if outcome.error:
+            key = f"{outcome.error} ({outcome.kind})" if outcome.kind == INFO else outcome.error
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))

@@ -1,0 +1,147 @@
+"""Every error the booking service can answer with, and the one place that turns them into JSON responses.
+
+The tree::
+
+    BookingError                          500 internal_error
+    ├── InvalidRequest (ValueError)       400 invalid_request and friends (bad JSON, bad field, bad paging)
+    ├── Unauthorized (PermissionError)    401 unauthorized
+    ├── OrderNotFound (LookupError)       404 order_not_found
+    ├── SoldOut                           409 sold_out
+    ├── IdempotencyKeyReused              422 idempotency_key_reused
+    ├── LockTimeout (TimeoutError)        503 lock_timeout, with Retry-After
+    └── StoreError (OSError)              500 store_* : db.json or a file beside it is damaged or unwritable
+        ├── StoreDamaged                  500 store_damaged
+        └── StoreWriteFailed              500 store_write_failed
+
+Werkzeug's own HTTP errors (unknown route, wrong method, body too large, ...) get the same JSON shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar
+
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class BookingError(Exception):
+    """Root of the service's errors: ``status`` and ``code`` say how the error handler answers."""
+
+    status = 500
+    code = "internal_error"
+    headers: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(BookingError, ValueError):
+    """The request is malformed: bad JSON, a missing or bad field, bad paging."""
+
+    status = 400
+    code = "invalid_request"
+
+
+class Unauthorized(BookingError, PermissionError):
+    """An admin endpoint was called without the configured bearer token."""
+
+    status = 401
+    code = "unauthorized"
+    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": 'Bearer realm="ticketlock admin"'}
+
+
+class OrderNotFound(BookingError, LookupError):
+    """No order has the requested id."""
+
+    status = 404
+    code = "order_not_found"
+
+
+class SoldOut(BookingError):
+    """Fewer tickets remain than the buyer asked for; nothing was sold and nothing written."""
+
+    status = 409
+    code = "sold_out"
+
+
+class IdempotencyKeyReused(BookingError):
+    """An Idempotency-Key came back with a different body than the one it was first used with."""
+
+    status = 422
+    code = "idempotency_key_reused"
+
+
+class LockTimeout(BookingError, TimeoutError):
+    """The inventory lock was not free within the configured timeout; the client should retry."""
+
+    status = 503
+    code = "lock_timeout"
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
+
+
+class StoreError(BookingError, OSError):
+    """db.json or a file beside it cannot be used."""
+
+    code = "store_error"
+
+
+class StoreDamaged(StoreError):
+    """A store file is missing, truncated, not JSON or of the wrong shape. The service never rewrites it silently."""
+
+    code = "store_damaged"
+
+
+class StoreWriteFailed(StoreError):
+    """Writing a store file failed (disk full, permission denied); the previous contents are intact."""
+
+    code = "store_write_failed"
+
+
+def error_body(code: str, message: str) -> dict[str, str]:
+    """The JSON body of every error response."""
+    return {"error": code, "message": message}
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Render every error the app can raise as ``{"error": code, "message": ...}`` with the right status."""
+    app.register_error_handler(BookingError, _booking_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+
+
+def _booking_error(error: BookingError) -> tuple[Response, int]:
+    if error.status >= 500:
+        log.error("%s: %s", error.code, error.message)
+    response = jsonify(error_body(error.code, error.message))
+    response.headers.update(error.headers)
+    return response, error.status
+
+
+HTTP_CODES = {
+    400: ("invalid_request", "The request could not be understood."),
+    404: ("not_found", "No such endpoint. See GET /openapi.json for the API."),
+    405: ("method_not_allowed", "This endpoint does not accept that method."),
+    413: ("payload_too_large", "The request body is too large; orders are small JSON objects."),
+    415: ("unsupported_media_type", "Send the body as JSON with 'Content-Type: application/json'."),
+}
+
+
+def _http_error(error: HTTPException) -> tuple[Response, int]:
+    status = error.code or 500
+    code, message = HTTP_CODES.get(status, (f"http_{status}", error.description or "HTTP error"))
+    response = jsonify(error_body(code, message))
+    allowed = getattr(error, "valid_methods", None)
+    if allowed:
+        response.headers["Allow"] = ", ".join(allowed)
+    return response, status
+
+
+def _unexpected_error(error: Exception) -> tuple[Response, int]:
+    log.exception("unexpected error", exc_info=error)
+    return jsonify(error_body("internal_error", "The server failed on this request; its log has the details.")), 500

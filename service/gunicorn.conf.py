@@ -1,0 +1,35 @@
+"""gunicorn settings for the booking service; each one reads a TICKETLOCK_* environment variable first."""
+
+import os
+
+from service import prepare_for_start
+
+# --- The app -----------------------------------------------------------------------------------------------
+wsgi_app = "service:create_app()"
+
+# --- Where to listen (127.0.0.1 unless you say otherwise; the container sets 0.0.0.0:8000) -------------------
+bind = [os.environ.get("TICKETLOCK_BIND", "127.0.0.1:8000")]
+
+# --- Worker processes: each has its own memory; db.json and its lock are all they share ------------------
+workers = int(os.environ.get("TICKETLOCK_WORKERS", "4"))
+worker_class = os.environ.get("TICKETLOCK_WORKER_CLASS", "sync")
+timeout = int(os.environ.get("TICKETLOCK_WORKER_TIMEOUT", "30"))
+graceful_timeout = 10
+control_socket_disable = True  # gunicorn's control socket is one path per user: several servers would collide
+
+# --- Logging -----------------------------------------------------------------------------------------------
+loglevel = os.environ.get("TICKETLOCK_LOG_LEVEL", "info")
+accesslog = os.environ.get("TICKETLOCK_ACCESS_LOG") or None
+
+
+# --- Hooks ---------------------------------------------------------------------------------------------------
+def on_starting(server):
+    server.log.info("master %s: store ready at %s", os.getpid(), prepare_for_start().db_path)
+
+
+def post_fork(server, worker):
+    server.log.info("worker %s started", worker.pid)
+
+
+def worker_exit(server, worker):
+    server.log.info("worker %s exited", worker.pid)

@@ -1,0 +1,117 @@
+"""The inter-process lock: a ``filelock`` lock whose waiters sleep in the kernel until the holder lets go.
+
+``filelock.FileLock`` on Linux tries a non-blocking ``flock(2)`` and, when the lock is busy, sleeps
+``poll_interval`` (50 ms) before trying again. Under contention the next buyer therefore starts up to 50 ms
+after the lock came free, which halves throughput and multiplies p99 latency by ~7 (issue #6).
+
+``QueuedFileLock`` keeps filelock's API and bookkeeping (timeouts, ``Timeout``, re-entrancy, fork checks) and
+changes only how one attempt waits: a blocking ``flock`` that the kernel ends the moment the lock is released,
+bounded by the lock's timeout with a ``SIGALRM`` timer, the way util-linux's ``flock --timeout`` does it.
+Signals reach only a process's main thread, which is where gunicorn's default sync workers run requests;
+other threads make non-blocking attempts and filelock polls between them every ``THREAD_POLL_INTERVAL_S``.
+
+Like every ``flock``, the lock is advisory, covers processes that open the same file through the same kernel,
+and is released by the kernel when its holder dies, even by SIGKILL.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+from filelock import BaseFileLock, Timeout
+
+from service.errors import LockTimeout
+
+THREAD_POLL_INTERVAL_S = 0.002
+
+
+class QueuedFileLock(BaseFileLock):
+    """An exclusive ``flock`` on ``lock_file``; use it like ``filelock.FileLock(lock_file, timeout=...)``."""
+
+    def __init__(self, lock_file: str | os.PathLike[str], timeout: float) -> None:
+        super().__init__(lock_file, timeout=timeout, poll_interval=THREAD_POLL_INTERVAL_S)
+
+    def _acquire(self) -> None:
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _flock_within(fd, self.timeout)
+        except (BlockingIOError, _WaitExpired):
+            # Closing the descriptor also drops a lock the timer interrupted just after it was granted.
+            os.close(fd)
+            return
+        except BaseException:
+            os.close(fd)
+            raise
+        self._mark_descriptor_owned(fd)
+
+    def _release(self) -> None:
+        fd = self._context.lock_file_fd
+        assert fd is not None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        self._mark_descriptor_released()
+        os.close(fd)
+
+
+class _WaitExpired(Exception):
+    """The SIGALRM timer ended a blocking wait for the lock."""
+
+
+def _flock_within(fd: int, timeout_s: float) -> None:
+    """Lock ``fd`` exclusively, waiting in the kernel's queue at most ``timeout_s`` (BlockingIOError if busy)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        if timeout_s == 0 or threading.current_thread() is not threading.main_thread():
+            raise
+    with _alarm_after(timeout_s):
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+@contextmanager
+def _alarm_after(seconds: float) -> Iterator[None]:
+    """Raise _WaitExpired in the main thread after ``seconds`` (never if negative), ending a blocked syscall."""
+    if seconds < 0:
+        yield
+        return
+    previous = signal.signal(signal.SIGALRM, _expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        # Disarm before restoring the old handler: a SIGALRM under the default handler would kill the worker.
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _expire(signum: int, frame: FrameType | None) -> None:
+    raise _WaitExpired
+
+
+@contextmanager
+def holding(lock_path: Path, timeout_s: float, consequence: str) -> Iterator[None]:
+    """Hold the lock on ``lock_path``; a wait longer than ``timeout_s`` raises LockTimeout (503, Retry-After)."""
+    lock = _lock_for(lock_path, timeout_s, os.getpid())
+    try:
+        lock.acquire()
+    except Timeout:
+        raise LockTimeout(f"{lock_path.name} stayed locked for {timeout_s:g} s; {consequence}. Retry shortly.") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@functools.cache
+def _lock_for(lock_path: Path, timeout_s: float, pid: int) -> QueuedFileLock:
+    # One lock object per worker process: keyed by pid, so a worker never uses one inherited from the gunicorn
+    # master (filelock refuses those), and made on first use, inside the worker, never at import.
+    return QueuedFileLock(lock_path, timeout=timeout_s)

@@ -1,0 +1,142 @@
+"""Turning request bodies, query strings and headers into checked values, or an InvalidRequest that says why."""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from typing import Any
+
+from flask import Request
+from werkzeug.exceptions import UnsupportedMediaType
+
+from service.config import MAX_RACE_WINDOW_MS, MAX_TICKETS, MODES
+from service.errors import InvalidRequest
+from service.purchase import PurchaseRequest
+
+MAX_BODY_BYTES = 16 * 1024
+MAX_TEXT_LENGTH = 100
+MAX_QUANTITY = 10
+MAX_PAGE_SIZE = 1000
+MAX_OFFSET = 10**12
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+_DIGITS = re.compile(r"[0-9]{1,13}")
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
+
+
+def json_object(request: Request, *, required: bool) -> dict[str, Any]:
+    """The body as a JSON object; an empty body is ``{}`` when the body is optional."""
+    body = request.get_data(cache=False)  # enforces MAX_CONTENT_LENGTH: 413 beyond it
+    if not body.strip():
+        if required:
+            raise InvalidRequest("A JSON body is required.", code="missing_body")
+        return {}
+    if not request.is_json:
+        raise UnsupportedMediaType()
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as error:
+        raise InvalidRequest(f"The body is not valid JSON: {error}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The body must be a JSON object, such as {\"buyer\": \"ana\"}.", code="invalid_json")
+    return data
+
+
+def order_request(data: dict[str, Any], idempotency_key: str | None) -> PurchaseRequest:
+    """``POST /orders``: ``{"buyer": text, "quantity": 1..10 (default 1)}``."""
+    _only(data, "buyer", "quantity")
+    return PurchaseRequest(
+        buyer=text(data, "buyer"),
+        quantity=whole_number(data, "quantity", low=1, high=MAX_QUANTITY, default=1),
+        idempotency_key=_idempotency_key(idempotency_key),
+    )
+
+
+def settings_change(data: dict[str, Any]) -> dict[str, Any]:
+    """``PUT /mode``: ``{"mode": "locked" | "unlocked", "race_window_ms": 0..5000}``, at least one of them."""
+    _only(data, "mode", "race_window_ms")
+    if not data:
+        raise InvalidRequest('Send {"mode": "locked"} or {"mode": "unlocked"} (and/or "race_window_ms").')
+    change: dict[str, Any] = {}
+    if "mode" in data:
+        if data["mode"] not in MODES:
+            raise InvalidRequest(
+                f"Unknown mode {data['mode']!r}: use \"locked\" or \"unlocked\".", code="unknown_mode"
+            )
+        change["mode"] = data["mode"]
+    if "race_window_ms" in data:
+        change["race_window_ms"] = whole_number(data, "race_window_ms", low=0, high=MAX_RACE_WINDOW_MS)
+    return change
+
+
+def reset_request(data: dict[str, Any]) -> tuple[int | None, str | None]:
+    """``POST /reset``: ``{"tickets": 0..1e9, "event": text}``, both optional."""
+    _only(data, "tickets", "event")
+    tickets = whole_number(data, "tickets", low=0, high=MAX_TICKETS) if "tickets" in data else None
+    event = text(data, "event") if "event" in data else None
+    return tickets, event
+
+
+def page(args: dict[str, str]) -> tuple[int, int]:
+    """``?limit=1..1000&offset=0..`` for ``GET /orders``; defaults 100 and 0."""
+    limit = _query_number(args, "limit", default=100, low=1, high=MAX_PAGE_SIZE)
+    offset = _query_number(args, "offset", default=0, low=0, high=MAX_OFFSET)
+    return limit, offset
+
+
+def text(data: dict[str, Any], field: str) -> str:
+    """A required, non-blank text field of at most MAX_TEXT_LENGTH characters, without control characters."""
+    if field not in data:
+        raise InvalidRequest(f"'{field}' is required.", code="missing_field")
+    value = data[field]
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_TEXT_LENGTH:
+        raise InvalidRequest(
+            f"'{field}' must be non-blank text of at most {MAX_TEXT_LENGTH} characters.", code="invalid_field"
+        )
+    if any(unicodedata.category(character) in ("Cc", "Cs") for character in value):
+        raise InvalidRequest(f"'{field}' must not contain control characters.", code="invalid_field")
+    return value
+
+
+def whole_number(data: dict[str, Any], field: str, *, low: int, high: int, default: int | None = None) -> int:
+    """An integer field in ``low..high``; JSON true/false and 1.0 are not integers."""
+    if field not in data and default is not None:
+        return default
+    value = data.get(field)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidRequest(f"'{field}' must be a whole number from {low} to {high}.", code="invalid_field")
+    return value
+
+
+def _only(data: dict[str, Any], *allowed: str) -> None:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise InvalidRequest(
+            f"Unknown field(s) {', '.join(repr(name[:40]) for name in unknown)}; "
+            f"this endpoint accepts {', '.join(allowed)}.",
+            code="unknown_field",
+        )
+
+
+def _query_number(args: dict[str, str], name: str, *, default: int, low: int, high: int) -> int:
+    if name not in args:
+        return default
+    raw = args[name]
+    if not _DIGITS.fullmatch(raw) or not low <= int(raw) <= high:
+        raise InvalidRequest(f"'{name}' must be a whole number from {low} to {high}.", code="invalid_paging")
+    return int(raw)
+
+
+def _idempotency_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if len(value) > MAX_IDEMPOTENCY_KEY_LENGTH or not _IDEMPOTENCY_KEY.fullmatch(value):
+        raise InvalidRequest(
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII characters, such as a UUID.",
+            code="invalid_idempotency_key",
+        )
+    return value
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
