@@ -84,9 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--no-timeline", action="store_true", help="leave the text timelines out")
     output.add_argument("-q", "--quiet", action="store_true", help="print only the verdict lines")
     output.add_argument("-v", "--verbose", action="store_true", help="also print errors and anomalies per phase")
-    parser.add_argument(
-        "--require-oversell", action="store_true", help="exit 1 if an unlocked phase did not oversell"
-    )
+    parser.add_argument("--require-oversell", action="store_true", help="exit 1 if an unlocked phase did not oversell")
     return parser
 
 

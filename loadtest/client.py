@@ -65,11 +65,13 @@ class ServiceClient:
             return {"Authorization": f"Bearer {self.token}"}
         return {}
 
-    def expect(self, reply: Reply, status: int, what: str) -> Any:
-        """The reply's body if it has ``status``, else ServiceError naming the service's own error."""
+    def expect(self, reply: Reply, status: int, what: str) -> dict[str, Any]:
+        """The reply's JSON object if it has ``status``, else ServiceError naming the service's own error."""
         if reply.status != status:
             detail = reply.body.get("message") if isinstance(reply.body, dict) else reply.body
             raise ServiceError(f"{what} failed with HTTP {reply.status}: {detail}")
+        if not isinstance(reply.body, dict):
+            raise ServiceError(f"{what}: the answer is not a JSON object: {str(reply.body)[:200]}")
         return reply.body
 
     def health(self) -> dict[str, Any]:
@@ -131,11 +133,11 @@ def buy(connection: http.client.HTTPConnection, path: str, buyer: str, quantity:
     finally:
         connection.close()
     completed_at = time.time()
-    error = reply.body.get("error") if isinstance(reply.body, dict) else None
+    error_code = reply.body.get("error") if isinstance(reply.body, dict) else None
     if reply.status == 201 and isinstance(reply.body, dict) and "order_id" in reply.body:
         return Outcome(buyer, quantity, OK, invoked_at, completed_at, reply.status, order=reply.body)
     kind = FAIL if 400 <= reply.status < 500 else INFO
-    return Outcome(buyer, quantity, kind, invoked_at, completed_at, reply.status, error or f"http_{reply.status}")
+    return Outcome(buyer, quantity, kind, invoked_at, completed_at, reply.status, error_code or f"http_{reply.status}")
 
 
 def describe(error: BaseException) -> str:

@@ -32,10 +32,7 @@ def verdict(mode: str, phases: Sequence[PhaseResult]) -> str:
     if first.correct:
         return f"{head} -> {told}, {first.fail} were told sold out: correct, nothing oversold."
     if first.oversold:
-        return (
-            f"{head} -> {told}: oversold by {first.oversold} "
-            "(workers read the same count and each wrote count - 1)."
-        )
+        return f"{head} -> {told}: oversold by {first.oversold} (workers read the same count and each wrote count - 1)."
     return f"{head} -> {told}: " + "; ".join(first.anomalies) + "."
 
 
@@ -151,6 +148,7 @@ def to_json(result: RunResult, exit_status: int) -> dict[str, Any]:
     return {
         "url": result.url,
         "embedded": result.embedded,
+        "service_pids": result.service_pids,
         "options": asdict(result.options),
         "phases": phases,
         "summary": summary,

@@ -10,7 +10,8 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from contextlib import suppress
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from loadtest.checker import INFO, Check, Outcome, check
@@ -70,6 +71,7 @@ class RunResult:
     embedded: bool
     options: LoadOptions
     phases: list[PhaseResult]
+    service_pids: list[int] = field(default_factory=list)  # embedded: the master and its workers, all stopped
 
     def phases_for(self, mode: str) -> list[PhaseResult]:
         """The trials of one mode."""
@@ -81,7 +83,9 @@ def run(options: LoadOptions, progress: Progress | None = None) -> RunResult:
     if options.url is not None:
         return _run_against(options.url, options, progress, embedded=False)
     with EmbeddedService(workers=options.workers) as service:
-        return _run_against(service.url, options, progress, embedded=True)
+        result = _run_against(service.url, options, progress, embedded=True)
+        pids = [service.master_pid or 0, *service.worker_pids()]
+    return replace(result, service_pids=pids)
 
 
 def _run_against(url: str, options: LoadOptions, progress: Progress | None, embedded: bool) -> RunResult:
@@ -149,14 +153,12 @@ def release_buyers(
 
     def buyer_thread() -> None:
         connection = client.connection()
-        try:
+        # A failed connect is not fatal here: buy() reconnects and records the failure as an outcome.
+        with suppress(OSError):
             connection.connect()
-        except OSError:
-            pass  # buy() reconnects and records the failure if the service is really unreachable
-        try:
+        # The timeout keeps a thread that could not start from holding the others back forever.
+        with suppress(threading.BrokenBarrierError):
             start_line.wait(timeout=STARTUP_TIMEOUT_S)
-        except threading.BrokenBarrierError:
-            pass  # a thread that could not start must not hold the others back forever
         while (index := take()) is not None:
             report(index, buy(connection, client.prefix + "/orders", f"buyer-{index + 1}"))
             connection = client.connection()

@@ -24,6 +24,7 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False  # OPTIONS would answer an empty text/html page, not JSON
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep fields in the documented order
     app.json.ensure_ascii = False  # type: ignore[attr-defined]  # show "路人1", not "\u8def\u4eba1"
     app.extensions["ticketlock"] = Booking(config=settings, store=store)

@@ -13,15 +13,19 @@ The tree::
         ├── StoreDamaged                  500 store_damaged
         └── StoreWriteFailed              500 store_write_failed
 
-Werkzeug's own HTTP errors (unknown route, wrong method, body too large, ...) get the same JSON shape.
+Werkzeug's own HTTP errors (unknown route, wrong method, body too large, ...) get the same JSON shape, and so
+do the requests gunicorn refuses before Flask sees them (a malformed request line, a URL over 4 KB, ...).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
 from typing import ClassVar
 
 from flask import Flask, Response, jsonify
+from gunicorn.util import write_nonblock
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -145,3 +149,16 @@ def _http_error(error: HTTPException) -> tuple[Response, int]:
 def _unexpected_error(error: Exception) -> tuple[Response, int]:
     log.exception("unexpected error", exc_info=error)
     return jsonify(error_body("internal_error", "The server failed on this request; its log has the details.")), 500
+
+
+def write_protocol_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
+    """gunicorn's answer to a request it cannot parse, in the same JSON shape as every other error.
+
+    gunicorn.conf.py installs it in place of ``gunicorn.util.write_error``, which writes an HTML page.
+    """
+    body = json.dumps(error_body(reason.lower().replace(" ", "_"), message)).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    write_nonblock(sock, head.encode("latin-1") + body)

@@ -2,7 +2,12 @@
 
 import os
 
+import gunicorn.util
+from gunicorn.arbiter import Arbiter
+from gunicorn.workers.base import Worker
+
 from service import prepare_for_start
+from service.errors import write_protocol_error
 
 # --- The app -----------------------------------------------------------------------------------------------
 wsgi_app = "service:create_app()"
@@ -17,19 +22,22 @@ timeout = int(os.environ.get("TICKETLOCK_WORKER_TIMEOUT", "30"))
 graceful_timeout = 10
 control_socket_disable = True  # gunicorn's control socket is one path per user: several servers would collide
 
+# --- Requests gunicorn refuses itself (bad request line, URL over 4 KB) get a JSON error, not an HTML page ---
+gunicorn.util.write_error = write_protocol_error
+
 # --- Logging -----------------------------------------------------------------------------------------------
 loglevel = os.environ.get("TICKETLOCK_LOG_LEVEL", "info")
 accesslog = os.environ.get("TICKETLOCK_ACCESS_LOG") or None
 
 
 # --- Hooks ---------------------------------------------------------------------------------------------------
-def on_starting(server):
+def on_starting(server: Arbiter) -> None:
     server.log.info("master %s: store ready at %s", os.getpid(), prepare_for_start().db_path)
 
 
-def post_fork(server, worker):
+def post_fork(server: Arbiter, worker: Worker) -> None:
     server.log.info("worker %s started", worker.pid)
 
 
-def worker_exit(server, worker):
+def worker_exit(server: Arbiter, worker: Worker) -> None:
     server.log.info("worker %s exited", worker.pid)

@@ -103,7 +103,8 @@ def holding(lock_path: Path, timeout_s: float, consequence: str) -> Iterator[Non
     try:
         lock.acquire()
     except Timeout:
-        raise LockTimeout(f"{lock_path.name} stayed locked for {timeout_s:g} s; {consequence}. Retry shortly.") from None
+        message = f"{lock_path.name} stayed locked for {timeout_s:g} s; {consequence}. Retry shortly."
+        raise LockTimeout(message) from None
     try:
         yield
     finally:

@@ -17,7 +17,7 @@ import uuid
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
-from service.errors import LockTimeout, SoldOut
+from service.errors import SoldOut
 from service.locks import holding
 from service.store import IdempotentRequest, Inventory, Order, Store
 
@@ -117,4 +117,3 @@ def strategy_for(mode: str, store: Store, lock_timeout_s: float) -> PurchaseStra
     """The one place that maps a mode name to its strategy."""
     strategies: dict[str, type[PurchaseStrategy]] = {"unlocked": UnlockedPurchase, "locked": LockedPurchase}
     return strategies[mode](store, lock_timeout_s)
-

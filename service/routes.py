@@ -68,7 +68,7 @@ def create_order() -> tuple[Response, int, dict[str, str]]:
 @bp.get("/orders")
 def list_orders() -> Response:
     """GET /orders?limit=100&offset=0 -> 200 {"count", "limit", "offset", "orders"}. 400 bad paging."""
-    limit, offset = validation.page(request.args.to_dict())
+    limit, offset = validation.page(request.args)
     count = 0
     page: list[dict[str, Any]] = []
     for count, order in enumerate(_booking().store.orders(), start=1):
@@ -158,4 +158,3 @@ def _require_admin(config: Config) -> None:
     scheme, _, supplied = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.encode(), config.admin_token.encode()):
         raise Unauthorized("This endpoint needs 'Authorization: Bearer <token>' with the admin token.")
-

@@ -245,7 +245,8 @@ class Store:
         except OSError as error:
             with suppress(OSError):
                 os.unlink(temporary)
-            raise StoreWriteFailed(f"could not write {path}: {error.strerror}; its previous contents are intact")
+            message = f"could not write {path}: {error.strerror}; its previous contents are intact"
+            raise StoreWriteFailed(message) from error
 
     def _create_if_absent(self, path: Path, data: object) -> None:
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -8,6 +8,7 @@ import unicodedata
 from typing import Any
 
 from flask import Request
+from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import UnsupportedMediaType
 
 from service.config import MAX_RACE_WINDOW_MS, MAX_TICKETS, MODES
@@ -38,7 +39,7 @@ def json_object(request: Request, *, required: bool) -> dict[str, Any]:
     except (ValueError, RecursionError) as error:
         raise InvalidRequest(f"The body is not valid JSON: {error}", code="invalid_json") from None
     if not isinstance(data, dict):
-        raise InvalidRequest("The body must be a JSON object, such as {\"buyer\": \"ana\"}.", code="invalid_json")
+        raise InvalidRequest('The body must be a JSON object, such as {"buyer": "ana"}.', code="invalid_json")
     return data
 
 
@@ -60,9 +61,7 @@ def settings_change(data: dict[str, Any]) -> dict[str, Any]:
     change: dict[str, Any] = {}
     if "mode" in data:
         if data["mode"] not in MODES:
-            raise InvalidRequest(
-                f"Unknown mode {data['mode']!r}: use \"locked\" or \"unlocked\".", code="unknown_mode"
-            )
+            raise InvalidRequest(f'Unknown mode {data["mode"]!r}: use "locked" or "unlocked".', code="unknown_mode")
         change["mode"] = data["mode"]
     if "race_window_ms" in data:
         change["race_window_ms"] = whole_number(data, "race_window_ms", low=0, high=MAX_RACE_WINDOW_MS)
@@ -77,7 +76,7 @@ def reset_request(data: dict[str, Any]) -> tuple[int | None, str | None]:
     return tickets, event
 
 
-def page(args: dict[str, str]) -> tuple[int, int]:
+def page(args: MultiDict[str, str]) -> tuple[int, int]:
     """``?limit=1..1000&offset=0..`` for ``GET /orders``; defaults 100 and 0."""
     limit = _query_number(args, "limit", default=100, low=1, high=MAX_PAGE_SIZE)
     offset = _query_number(args, "offset", default=0, low=0, high=MAX_OFFSET)
@@ -118,12 +117,15 @@ def _only(data: dict[str, Any], *allowed: str) -> None:
         )
 
 
-def _query_number(args: dict[str, str], name: str, *, default: int, low: int, high: int) -> int:
-    if name not in args:
+def _query_number(args: MultiDict[str, str], name: str, *, default: int, low: int, high: int) -> int:
+    values = args.getlist(name)
+    if not values:
         return default
-    raw = args[name]
-    if not _DIGITS.fullmatch(raw) or not low <= int(raw) <= high:
-        raise InvalidRequest(f"'{name}' must be a whole number from {low} to {high}.", code="invalid_paging")
+    raw = values[0]
+    if len(values) > 1 or not _DIGITS.fullmatch(raw) or not low <= int(raw) <= high:
+        raise InvalidRequest(
+            f"'{name}' must be a whole number from {low} to {high}, given once.", code="invalid_paging"
+        )
     return int(raw)
 
 

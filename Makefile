@@ -1,0 +1,34 @@
+# Two commands a new user needs: `make demo` and `make test`. Everything installs into ./.venv.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+READY  := $(VENV)/.installed
+
+.PHONY: demo test lint serve clean
+
+$(READY): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+## demo: start an embedded 4-worker service, oversell it unlocked, fix it locked, stop it
+demo: $(READY)
+	$(BIN)/ticketlock-loadtest
+
+## test: lint, the whole test suite against real gunicorn, then the docker-compose demo (skipped without root)
+test: lint
+	$(BIN)/python -m pytest
+	bash tests/compose/run.sh
+
+lint: $(READY)
+	$(BIN)/ruff check service loadtest tests bench
+	$(BIN)/ruff format --check service loadtest tests bench
+	$(BIN)/mypy service loadtest
+
+## serve: the service on http://127.0.0.1:8000 with the repository's db.json
+serve: $(READY)
+	$(BIN)/ticketlock-serve
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,109 @@
+"""Shared fixtures: an in-process app for logic, and a real multi-worker gunicorn on loopback for concurrency."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from flask import Flask
+from flask.testing import FlaskClient
+
+from loadtest.embedded import EmbeddedService
+from service import create_app
+
+ADMIN_TOKEN = "test-admin-token"
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Flask:
+    """The Flask app on a fresh db.json in a temporary folder (no gunicorn)."""
+    return create_app({"db_path": tmp_path / "db.json"})
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    """A test client for ``app``."""
+    return app.test_client()
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedService]:
+    """One real gunicorn with 4 workers for the whole session; tests reset it through the API."""
+    with EmbeddedService(workers=4, directory=tmp_path_factory.mktemp("service")) as running:
+        yield running
+
+
+@pytest.fixture
+def api(service: EmbeddedService) -> Iterator[Api]:
+    """The session's service, reset to 10 tickets in locked mode with the default race window."""
+    api = Api(service.url)
+    api.reset(tickets=10)
+    api.put("/mode", {"mode": "locked", "race_window_ms": 20})
+    yield api
+    api.session.close()
+
+
+class Api:
+    """A thin requests wrapper for tests: JSON in, responses out."""
+
+    def __init__(self, url: str, token: str | None = None) -> None:
+        self.url = url
+        self.session = requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.session.get(self.url + path, timeout=30, **kwargs)
+
+    def post(self, path: str, body: object = None, **kwargs: Any) -> requests.Response:
+        return self.session.post(self.url + path, json=body, timeout=30, **kwargs)
+
+    def put(self, path: str, body: object = None, **kwargs: Any) -> requests.Response:
+        return self.session.put(self.url + path, json=body, timeout=30, **kwargs)
+
+    def reset(self, tickets: int) -> dict[str, Any]:
+        response = self.post("/reset", {"tickets": tickets})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def all_orders(self) -> list[dict[str, Any]]:
+        response = self.get("/orders", params={"limit": 1000})
+        assert response.status_code == 200, response.text
+        return response.json()["orders"]
+
+
+def buy_together(url: str, buyers: int, quantity: int = 1) -> list[requests.Response]:
+    """``buyers`` threads, each POSTing one order, all released at the same moment by a barrier."""
+    responses: list[requests.Response | None] = [None] * buyers
+    start_line = threading.Barrier(buyers)
+
+    def buyer(index: int) -> None:
+        with requests.Session() as session:
+            start_line.wait()
+            responses[index] = session.post(
+                f"{url}/orders", json={"buyer": f"buyer-{index}", "quantity": quantity}, timeout=60
+            )
+
+    threads = [threading.Thread(target=buyer, args=(index,)) for index in range(buyers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(response is not None for response in responses), "a buyer thread failed"
+    return [response for response in responses if response is not None]
+
+
+def store_files(directory: Path) -> dict[str, bytes]:
+    """The bytes of every store file in ``directory`` (db.json and its sidecars), to prove nothing changed."""
+    return {path.name: path.read_bytes() for path in sorted(directory.glob("db.json*")) if path.is_file()}
+
+
+def read_db(path: Path) -> dict[str, Any]:
+    """db.json parsed; fails the test if it is not valid JSON."""
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data

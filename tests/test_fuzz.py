@@ -1,0 +1,61 @@
+"""Fuzzing the running service from its own OpenAPI document (schemathesis, valid and invalid inputs).
+
+For every generated request: never a 5xx, always a JSON answer that matches the document, and a request
+the service rejects (4xx) leaves every store file byte-for-byte as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis import GenerationMode
+
+from loadtest.embedded import EmbeddedService
+from tests.conftest import ADMIN_TOKEN, store_files
+
+OPENAPI = Path(str(resources.files("service").joinpath("openapi.json")))
+schema = schemathesis.openapi.from_path(OPENAPI)
+schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], deterministic=True)
+# A schema-valid order can still be refused with 422 when its Idempotency-Key was used with another body.
+acceptance = schema.config.checks.positive_data_acceptance
+acceptance.expected_statuses = [*acceptance.expected_statuses, "422"]
+# gunicorn itself refuses a request line over 4 KB (414) or oversized headers (431), in the same JSON shape.
+rejection = schema.config.checks.negative_data_rejection
+rejection.expected_statuses = [*rejection.expected_statuses, "413", "414", "431"]
+
+AUTHORIZATION = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedService]:
+    """A service just for fuzzing, with an admin token so mode changes and resets are exercised too."""
+    with EmbeddedService(
+        workers=2, race_window_ms=0, admin_token=ADMIN_TOKEN, directory=tmp_path_factory.mktemp("fuzz")
+    ) as running:
+        yield running
+
+
+@schema.parametrize()
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+def test_no_input_breaks_the_service_or_changes_the_store_when_rejected(
+    case: schemathesis.Case, fuzzed: EmbeddedService
+) -> None:
+    before = store_files(fuzzed.directory)
+
+    response = case.call(base_url=fuzzed.url, headers=AUTHORIZATION, timeout=30)
+
+    assert response.status_code < 500, f"{case.as_curl_command()} -> {response.status_code} {response.text}"
+    assert response.headers["content-type"] == ["application/json"], case.as_curl_command()
+    response.json()
+    case.validate_response(response)
+    if 400 <= response.status_code < 500:
+        assert store_files(fuzzed.directory) == before, f"{case.as_curl_command()} changed the store"
+    if case.method == "PUT" and response.status_code == 200:
+        # Keep the next examples fast: a fuzzed race window can be 5 s long.
+        requests.put(fuzzed.url + "/mode", json={"race_window_ms": 0}, headers=AUTHORIZATION, timeout=30)

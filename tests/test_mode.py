@@ -1,0 +1,58 @@
+"""The run-time toggle: every worker sees a mode change on its very next request, and no purchase undoes one."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from loadtest.embedded import EmbeddedService
+from tests.conftest import Api
+
+
+def _ask_many_times(url: str, path: str, times: int) -> list[dict[str, object]]:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(lambda _: requests.get(url + path, timeout=30).json(), range(times)))
+
+
+@pytest.mark.parametrize("sequence", [["unlocked", "locked"], ["locked", "unlocked", "locked"]])
+def test_every_worker_sees_a_mode_change_on_its_next_request(
+    api: Api, service: EmbeddedService, sequence: list[str]
+) -> None:
+    for mode in sequence:
+        assert api.put("/mode", {"mode": mode}).json()["mode"] == mode
+
+        answers = _ask_many_times(service.url, "/tickets", 80)
+
+        assert {answer["mode"] for answer in answers} == {mode}
+        assert len({answer["worker_pid"] for answer in answers}) >= 2, "only one worker answered"
+
+
+def test_race_window_changes_at_run_time_for_every_worker(api: Api, service: EmbeddedService) -> None:
+    assert api.put("/mode", {"race_window_ms": 0}).json() == {"mode": "locked", "race_window_ms": 0}
+
+    answers = _ask_many_times(service.url, "/mode", 40)
+
+    assert all(answer == {"mode": "locked", "race_window_ms": 0} for answer in answers)
+
+
+def test_a_mode_change_is_not_lost_to_purchases_racing_with_it(api: Api, service: EmbeddedService) -> None:
+    # Three unlocked purchases sit in a long race window on three workers while the fourth switches the mode;
+    # they then write their stale reads back. The mode must survive those writes.
+    api.put("/mode", {"mode": "unlocked", "race_window_ms": 600})
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        purchases = [
+            pool.submit(requests.post, f"{service.url}/orders", json={"buyer": f"slow-{n}"}, timeout=30)
+            for n in range(3)
+        ]
+        time.sleep(0.2)
+        switched_at = time.time()
+        assert api.put("/mode", {"mode": "locked"}).status_code == 200
+        orders = [purchase.result().json() for purchase in purchases]
+
+    assert all(order["timing"]["read_at"] < switched_at < order["timing"]["wrote_at"] for order in orders)
+    assert [order["mode"] for order in orders] == ["unlocked"] * 3
+    assert api.get("/mode").json() == {"mode": "locked", "race_window_ms": 600}
+    assert api.post("/orders", {"buyer": "after"}).json()["mode"] == "locked"
