@@ -56,7 +56,7 @@ ROWS: list[tuple[str, Callable[[PhaseResult], Any]]] = [
     ("latency p90 (ms)", lambda phase: round(phase.latency_ms.p90)),
     ("latency p99 (ms)", lambda phase: round(phase.latency_ms.p99)),
     ("latency max (ms)", lambda phase: round(phase.latency_ms.max)),
-    ("verdict", lambda phase: "correct" if phase.check.correct else "ANOMALY"),
+    ("verdict", lambda phase: _cell_verdict(phase)),
 ]
 
 
@@ -154,6 +154,12 @@ def to_json(result: RunResult, exit_status: int) -> dict[str, Any]:
         "summary": summary,
         "exit_status": exit_status,
     }
+
+
+def _cell_verdict(phase: PhaseResult) -> str:
+    if phase.check.correct:
+        return "correct"
+    return "OVERSOLD" if phase.check.oversold else "ANOMALY"
 
 
 def _span(values: Sequence[Any]) -> str:

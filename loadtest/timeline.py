@@ -122,7 +122,7 @@ def render_svg(sections: Sequence[tuple[str, Sequence[Bar]]]) -> str:
     y = 10
     for title, bars in sections:
         parts.append(f'<text x="10" y="{y + 16}" font-size="15" font-weight="bold">{escape(title)}</text>')
-        y += 28
+        y += 40
         if not bars:
             parts.append(f'<text x="{left}" y="{y + 14}" font-size="12">no sales to draw</text>')
             y += 30

@@ -18,6 +18,10 @@ bind = [os.environ.get("TICKETLOCK_BIND", "127.0.0.1:8000")]
 # --- Worker processes: each has its own memory; db.json and its lock are all they share ------------------
 workers = int(os.environ.get("TICKETLOCK_WORKERS", "4"))
 worker_class = os.environ.get("TICKETLOCK_WORKER_CLASS", "sync")
+if worker_class not in ("sync", "gthread"):
+    # An event-loop worker (gevent, eventlet) would block all its requests in the lock's kernel wait.
+    raise SystemExit(f"TICKETLOCK_WORKER_CLASS={worker_class!r}: use sync or gthread (see service/locks.py)")
+threads = int(os.environ.get("TICKETLOCK_THREADS", "1"))  # per worker, with the gthread worker class
 timeout = int(os.environ.get("TICKETLOCK_WORKER_TIMEOUT", "30"))
 graceful_timeout = 10
 control_socket_disable = True  # gunicorn's control socket is one path per user: several servers would collide
