@@ -66,15 +66,15 @@ def assert_locked_invariants(result: Check, tickets: int, db_path: Path, orders:
     assert 0 <= sold_by_count - recorded <= result.info
 
 
-def run_buyers_in_background(
-    client: ServiceClient, buyers: int, concurrency: int
-) -> tuple[threading.Thread, list[Outcome]]:
+def start_locked_load(service: EmbeddedService, tickets: int) -> tuple[ServiceClient, threading.Thread, list[Outcome]]:
+    """Reset to ``tickets`` in locked mode, then send 120 buyers, 12 at a time, from a background thread."""
+    client = ServiceClient(service.url, timeout_s=20)
+    client.reset(tickets)
+    client.set_mode("locked")
     outcomes: list[Outcome] = []
-    thread = threading.Thread(
-        target=lambda: outcomes.extend(release_buyers(client, buyers, concurrency, "faults")), daemon=True
-    )
-    thread.start()
-    return thread, outcomes
+    buyers = threading.Thread(target=lambda: outcomes.extend(release_buyers(client, 120, 12, "faults")), daemon=True)
+    buyers.start()
+    return client, buyers, outcomes
 
 
 # --- 1. Worker crash -----------------------------------------------------------------------------------------------
@@ -83,11 +83,8 @@ def run_buyers_in_background(
 def test_killing_workers_mid_purchase_never_oversells_nor_loses_an_order(tmp_path: Path) -> None:
     tickets = 40
     with EmbeddedService(workers=4, race_window_ms=40, directory=tmp_path) as service:
-        client = ServiceClient(service.url, timeout_s=20)
-        client.reset(tickets)
-        client.set_mode("locked")
+        client, buyers, outcomes = start_locked_load(service, tickets)
         kills: list[tuple[int, bool]] = []
-        buyers, outcomes = run_buyers_in_background(client, buyers=120, concurrency=12)
 
         random_choice = random.Random(7)
         while buyers.is_alive() and len(kills) < 6:
@@ -119,10 +116,7 @@ def test_killing_workers_mid_purchase_never_oversells_nor_loses_an_order(tmp_pat
 def test_a_killed_server_restarts_cleanly_on_the_same_files(tmp_path: Path) -> None:
     tickets = 40
     with EmbeddedService(workers=4, race_window_ms=40, directory=tmp_path) as first:
-        client = ServiceClient(first.url, timeout_s=20)
-        client.reset(tickets)
-        client.set_mode("locked")
-        buyers, outcomes = run_buyers_in_background(client, buyers=120, concurrency=12)
+        _, buyers, outcomes = start_locked_load(first, tickets)
         time.sleep(0.6)
         os.killpg(first.master_pid or 0, signal.SIGKILL)  # master and every worker at once
         buyers.join(timeout=60)
