@@ -71,6 +71,7 @@ def check(tickets: int, outcomes: Sequence[Outcome], remaining: int, recorded: S
     info = [outcome for outcome in outcomes if outcome.kind == INFO]
     told_sold = sum(outcome.quantity for outcome in ok)
     sold_by_count = tickets - remaining
+    recorded_sold = sum(int(order.get("quantity", 1)) for order in recorded)
 
     oversold = max(0, told_sold - tickets)
     lost_updates = max(0, told_sold - sold_by_count)
@@ -107,6 +108,11 @@ def check(tickets: int, outcomes: Sequence[Outcome], remaining: int, recorded: S
         anomalies.append(f"{len(unexpected_orders)} unexpected orders: recorded, but no buyer can hold them")
     if duplicate_ids:
         anomalies.append(f"{len(duplicate_ids)} duplicated order ids")
+    # Orders that buyers with unknown outcomes may hold must still fit in the tickets and in the count.
+    if recorded_sold > max(tickets, told_sold):
+        anomalies.append(f"the store recorded {recorded_sold} tickets sold, only {tickets} existed")
+    if recorded_sold - sold_by_count > lost_updates:
+        anomalies.append(f"{recorded_sold - sold_by_count} recorded tickets the remaining count does not reflect")
     if out_of_bounds:
         anomalies.append(out_of_bounds)
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,13 +20,15 @@ from loadtest.client import ServiceError, ServiceUnreachable
 from loadtest.report import print_report, print_verdicts, svg_sections, to_json
 from loadtest.runner import LoadOptions, RunResult, run
 from loadtest.timeline import render_svg
+from service.config import MAX_RACE_WINDOW_MS, MODES
 
-MODES = ("unlocked", "locked")
 EXIT_CORRECT, EXIT_ANOMALY, EXIT_USAGE = 0, 1, 2
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``ticketlock-loadtest`` and ``python -m loadtest``."""
+    # SIGTERM unwinds like Ctrl-C, so the embedded service is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(cli(argv, sys.stdout, sys.stderr))
 
 
@@ -44,7 +48,11 @@ def cli(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
         return EXIT_USAGE
     status = exit_status(result, require_oversell=arguments.require_oversell)
     if arguments.svg:
-        arguments.svg.write_text(render_svg(svg_sections(result)))
+        try:
+            arguments.svg.write_text(render_svg(svg_sections(result)))
+        except OSError as error:
+            print(f"ticketlock-loadtest: cannot write {arguments.svg}: {error.strerror}", file=err)
+            return EXIT_USAGE
     if arguments.json:
         json.dump(to_json(result, status), out, indent=2, ensure_ascii=False)
         out.write("\n")
@@ -92,7 +100,7 @@ def options_from(arguments: argparse.Namespace) -> LoadOptions:
     """Check the arguments and turn them into LoadOptions (ValueError with a clear message)."""
     modes = tuple(mode.strip() for mode in arguments.modes.split(",") if mode.strip())
     if not modes or any(mode not in MODES for mode in modes):
-        raise ValueError(f"--modes takes a comma-separated list of {', '.join(MODES)}")
+        raise ValueError(f"--modes takes a comma-separated list of {', '.join(sorted(MODES))}")
     for name in ("buyers", "trials", "workers"):
         if getattr(arguments, name) < 1:
             raise ValueError(f"--{name} must be at least 1")
@@ -100,8 +108,8 @@ def options_from(arguments: argparse.Namespace) -> LoadOptions:
         raise ValueError("--tickets must not be negative")
     if arguments.concurrency is not None and arguments.concurrency < 1:
         raise ValueError("--concurrency must be at least 1")
-    if arguments.race_window_ms is not None and not 0 <= arguments.race_window_ms <= 5000:
-        raise ValueError("--race-window-ms must be 0..5000")
+    if arguments.race_window_ms is not None and not 0 <= arguments.race_window_ms <= MAX_RACE_WINDOW_MS:
+        raise ValueError(f"--race-window-ms must be 0..{MAX_RACE_WINDOW_MS}")
     if arguments.timeout <= 0:
         raise ValueError("--timeout must be positive")
     if arguments.url is not None and not arguments.url.startswith(("http://", "https://")):
@@ -138,8 +146,13 @@ class Progress:
         self.live = stream.isatty()
         self.started: dict[str, float] = {}
         self.shown_at = 0.0
+        self.lock = threading.Lock()  # buyer threads report at the same time
 
     def __call__(self, label: str, answered: int, buyers: int) -> None:
+        with self.lock:
+            self._show(label, answered, buyers)
+
+    def _show(self, label: str, answered: int, buyers: int) -> None:
         now = time.monotonic()
         if answered == 0:
             self.started[label] = now

@@ -76,8 +76,10 @@ class EmbeddedService:
         self._wait_until_healthy()
 
     def _environment(self) -> dict[str, str]:
+        # The user's own TICKETLOCK_* settings (an admin token, a db path) are for their server, not this one.
+        inherited = {name: value for name, value in os.environ.items() if not name.startswith("TICKETLOCK_")}
         environment = {
-            **os.environ,
+            **inherited,
             "TICKETLOCK_DB": str(self.db_path),
             "TICKETLOCK_WORKERS": str(self.workers),
             **self.extra_environment,

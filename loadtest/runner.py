@@ -18,7 +18,9 @@ from loadtest.checker import INFO, Check, Outcome, check
 from loadtest.client import ServiceClient, buy
 from loadtest.embedded import STARTUP_TIMEOUT_S, EmbeddedService
 
-Progress = Callable[[str, int, int], None]  # (phase label, answered so far, buyers)
+SETTLE_S = 1.0
+
+ProgressCallback = Callable[[str, int, int], None]  # (phase label, answered so far, buyers)
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class RunResult:
         return [phase for phase in self.phases if phase.mode == mode]
 
 
-def run(options: LoadOptions, progress: Progress | None = None) -> RunResult:
+def run(options: LoadOptions, progress: ProgressCallback | None = None) -> RunResult:
     """Run every phase of ``options`` and return the results; starts and stops the embedded service if needed."""
     if options.url is not None:
         return _run_against(options.url, options, progress, embedded=False)
@@ -88,7 +90,7 @@ def run(options: LoadOptions, progress: Progress | None = None) -> RunResult:
     return replace(result, service_pids=pids)
 
 
-def _run_against(url: str, options: LoadOptions, progress: Progress | None, embedded: bool) -> RunResult:
+def _run_against(url: str, options: LoadOptions, progress: ProgressCallback | None, embedded: bool) -> RunResult:
     client = ServiceClient(url, token=options.token, timeout_s=options.timeout_s)
     client.health()
     phases = [
@@ -100,7 +102,7 @@ def _run_against(url: str, options: LoadOptions, progress: Progress | None, embe
 
 
 def run_phase(
-    client: ServiceClient, options: LoadOptions, mode: str, trial: int, progress: Progress | None = None
+    client: ServiceClient, options: LoadOptions, mode: str, trial: int, progress: ProgressCallback | None = None
 ) -> PhaseResult:
     """Reset to ``options.tickets``, switch to ``mode``, release all buyers together, then read back and check."""
     client.reset(options.tickets)
@@ -111,6 +113,9 @@ def run_phase(
     started = time.monotonic()
     outcomes = release_buyers(client, options.buyers, options.concurrency or options.buyers, label, progress)
     duration_s = time.monotonic() - started
+    if any(outcome.kind == INFO for outcome in outcomes):
+        # A buyer who gave up may still be queued at the server: let it finish before reading back.
+        time.sleep(SETTLE_S + settings["race_window_ms"] / 1000)
     remaining = client.tickets()["remaining"]
     orders = client.all_orders()
     return PhaseResult(
@@ -128,7 +133,7 @@ def run_phase(
 
 
 def release_buyers(
-    client: ServiceClient, buyers: int, concurrency: int, label: str, progress: Progress | None = None
+    client: ServiceClient, buyers: int, concurrency: int, label: str, progress: ProgressCallback | None = None
 ) -> list[Outcome]:
     """Send ``buyers`` purchases from ``concurrency`` threads, all starting together behind a barrier."""
     concurrency = max(1, min(concurrency, buyers))
@@ -168,6 +173,9 @@ def release_buyers(
         thread.start()
     for thread in threads:
         thread.join()
+    missing = [index for index, outcome in enumerate(outcomes) if outcome is None]
+    if missing:
+        raise RuntimeError(f"{len(missing)} buyers were never sent (a buyer thread failed)")
     return [outcome for outcome in outcomes if outcome is not None]
 
 

@@ -17,10 +17,12 @@ __all__ = ["create_app", "prepare_for_start"]
 
 
 def create_app(config: Mapping[str, object] | None = None) -> Flask:
-    """Build the app: defaults, then TICKETLOCK_* environment variables, then ``config`` (tests pass theirs)."""
+    """Build the app: defaults, then TICKETLOCK_* environment variables, then ``config`` (tests pass theirs).
+
+    The app only uses the store; ``prepare_for_start`` creates its files, once, before any worker starts.
+    """
     settings = load_config(config)
     store = Store(settings.db_path)
-    store.create_missing(_inventory(settings), _purchase_settings(settings))
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
@@ -44,13 +46,9 @@ def prepare_for_start(config: Mapping[str, object] | None = None) -> Config:
     store = Store(settings.db_path)
     for leftover in store.remove_leftovers():
         logging.getLogger(__name__).warning("removed %s, left by a writer that was killed", leftover)
-    store.create_missing(_inventory(settings), _purchase_settings(settings))
+    store.create_missing(Inventory.full(settings.event, settings.tickets), _purchase_settings(settings))
     store.write_settings(_purchase_settings(settings))
     return settings
-
-
-def _inventory(config: Config) -> Inventory:
-    return Inventory(event=config.event, total=config.tickets, remaining=config.tickets)
 
 
 def _purchase_settings(config: Config) -> PurchaseSettings:

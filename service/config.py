@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 MODES = ("locked", "unlocked")
 MAX_RACE_WINDOW_MS = 5_000
 MAX_TICKETS = 1_000_000_000
+MAX_LOCK_TIMEOUT_S = 20
 
 
 @dataclass(frozen=True)
@@ -25,14 +26,15 @@ class Config:
     admin_token: str | None = field(default=None, repr=False)  # never printed or logged
 
 
-ENVIRONMENT = {
-    "TICKETLOCK_DB": "db_path",
-    "TICKETLOCK_MODE": "mode",
-    "TICKETLOCK_RACE_WINDOW_MS": "race_window_ms",
-    "TICKETLOCK_TICKETS": "tickets",
-    "TICKETLOCK_EVENT": "event",
-    "TICKETLOCK_LOCK_TIMEOUT": "lock_timeout_s",
-    "TICKETLOCK_ADMIN_TOKEN": "admin_token",
+# Each environment variable, the field it sets, and how its text becomes a value.
+ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
+    "TICKETLOCK_DB": ("db_path", Path),
+    "TICKETLOCK_MODE": ("mode", str),
+    "TICKETLOCK_RACE_WINDOW_MS": ("race_window_ms", int),
+    "TICKETLOCK_TICKETS": ("tickets", int),
+    "TICKETLOCK_EVENT": ("event", str),
+    "TICKETLOCK_LOCK_TIMEOUT": ("lock_timeout_s", float),
+    "TICKETLOCK_ADMIN_TOKEN": ("admin_token", str),
 }
 
 
@@ -43,10 +45,13 @@ class ConfigError(ValueError):
 def load_config(overrides: Mapping[str, object] | None = None, environ: Mapping[str, str] = os.environ) -> Config:
     """Build a Config from the defaults, the TICKETLOCK_* environment variables, then ``overrides`` by field name."""
     values: dict[str, object] = {}
-    for variable, field_name in ENVIRONMENT.items():
+    for variable, (field_name, parse) in ENVIRONMENT.items():
         text = environ.get(variable, "").strip()
         if text:
-            values[field_name] = _parse(field_name, text, variable)
+            try:
+                values[field_name] = parse(text)
+            except ValueError:
+                raise ConfigError(f"{variable}={text!r} is not a number") from None
     values.update(overrides or {})
     unknown = set(values) - {spec.name for spec in fields(Config)}
     if unknown:
@@ -56,20 +61,6 @@ def load_config(overrides: Mapping[str, object] | None = None, environ: Mapping[
     return config
 
 
-def _parse(field_name: str, text: str, variable: str) -> object:
-    kind = {spec.name: spec.type for spec in fields(Config)}[field_name]
-    try:
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            return float(text)
-    except ValueError:
-        raise ConfigError(f"{variable}={text!r} is not a number") from None
-    if kind == "Path":
-        return Path(text)
-    return text
-
-
 def _check(config: Config) -> None:
     if config.mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, not {config.mode!r} (TICKETLOCK_MODE)")
@@ -77,7 +68,10 @@ def _check(config: Config) -> None:
         raise ConfigError(f"race window must be 0..{MAX_RACE_WINDOW_MS} ms (TICKETLOCK_RACE_WINDOW_MS)")
     if not 0 <= config.tickets <= MAX_TICKETS:
         raise ConfigError(f"tickets must be 0..{MAX_TICKETS} (TICKETLOCK_TICKETS)")
-    if not 0 < config.lock_timeout_s <= 60:
-        raise ConfigError("lock timeout must be more than 0 and at most 60 seconds (TICKETLOCK_LOCK_TIMEOUT)")
+    if not 0 < config.lock_timeout_s <= MAX_LOCK_TIMEOUT_S:
+        raise ConfigError(
+            f"lock timeout must be more than 0 and at most {MAX_LOCK_TIMEOUT_S} s (TICKETLOCK_LOCK_TIMEOUT), "
+            "so that a waiting buyer gets its 503 before gunicorn's 30 s worker timeout kills the worker"
+        )
     if not config.event.strip():
         raise ConfigError("event name must not be empty (TICKETLOCK_EVENT)")

@@ -9,9 +9,10 @@ The tree::
     ├── SoldOut                           409 sold_out
     ├── IdempotencyKeyReused              422 idempotency_key_reused
     ├── LockTimeout (TimeoutError)        503 lock_timeout, with Retry-After
-    └── StoreError (OSError)              500 store_* : db.json or a file beside it is damaged or unwritable
-        ├── StoreDamaged                  500 store_damaged
-        └── StoreWriteFailed              500 store_write_failed
+    └── StoreError (OSError)              500: db.json or a file beside it is damaged or unwritable
+        ├── StoreDamaged                  500 store_damaged: nothing sold, the file left as it is
+        ├── StoreWriteFailed              500 store_write_failed: nothing sold, the previous files intact
+        └── OrderNotDurable               500 order_not_durable: recorded, but the fsync failed
 
 Werkzeug's own HTTP errors (unknown route, wrong method, body too large, ...) get the same JSON shape, and so
 do the requests gunicorn refuses before Flask sees them (a malformed request line, a URL over 4 KB, ...).
@@ -105,6 +106,12 @@ class StoreWriteFailed(StoreError):
     """Writing a store file failed (disk full, permission denied); the previous contents are intact."""
 
     code = "store_write_failed"
+
+
+class OrderNotDurable(StoreError):
+    """The order was recorded, but flushing it to disk failed: it may not survive a crash."""
+
+    code = "order_not_durable"
 
 
 def error_body(code: str, message: str) -> dict[str, str]:

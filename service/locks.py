@@ -7,8 +7,12 @@ after the lock came free, which halves throughput and multiplies p99 latency by 
 ``QueuedFileLock`` keeps filelock's API and bookkeeping (timeouts, ``Timeout``, re-entrancy, fork checks) and
 changes only how one attempt waits: a blocking ``flock`` that the kernel ends the moment the lock is released,
 bounded by the lock's timeout with a ``SIGALRM`` timer, the way util-linux's ``flock --timeout`` does it.
-Signals reach only a process's main thread, which is where gunicorn's default sync workers run requests;
-other threads make non-blocking attempts and filelock polls between them every ``THREAD_POLL_INTERVAL_S``.
+Python runs signal handlers only in a process's main thread, which is where gunicorn's default sync workers
+run requests; other threads (and a main thread whose own ``ITIMER_REAL`` is already running) make
+non-blocking attempts instead, and filelock polls between them every ``THREAD_POLL_INTERVAL_S``.
+
+The lock can be taken exclusive (one holder) or shared (any number of shared holders, but never together
+with an exclusive one): see ``service/purchase.py`` for why the unlocked mode takes it shared.
 
 Like every ``flock``, the lock is advisory, covers processes that open the same file through the same kernel,
 and is released by the kernel when its holder dies, even by SIGKILL.
@@ -34,16 +38,21 @@ THREAD_POLL_INTERVAL_S = 0.002
 
 
 class QueuedFileLock(BaseFileLock):
-    """An exclusive ``flock`` on ``lock_file``; use it like ``filelock.FileLock(lock_file, timeout=...)``."""
+    """A ``flock`` on ``lock_file``; use it like ``filelock.FileLock(lock_file, timeout=...)``."""
 
-    def __init__(self, lock_file: str | os.PathLike[str], timeout: float) -> None:
+    def __init__(self, lock_file: str | os.PathLike[str], timeout: float, *, shared: bool = False) -> None:
         super().__init__(lock_file, timeout=timeout, poll_interval=THREAD_POLL_INTERVAL_S)
+        self.operation = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
 
     def _acquire(self) -> None:
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            _flock_within(fd, self.timeout)
-        except (BlockingIOError, _WaitExpired):
+            _flock_within(fd, self.operation, self.timeout)
+            # A lock on a file that was deleted or replaced while we queued excludes nobody who opens the file
+            # now: let go and let filelock try again on the current file (filelock's own lock does the same).
+            if not os.path.samestat(os.fstat(fd), os.stat(self.lock_file)):
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError, _WaitExpired):
             # Closing the descriptor also drops a lock the timer interrupted just after it was granted.
             os.close(fd)
             return
@@ -64,42 +73,56 @@ class _WaitExpired(Exception):
     """The SIGALRM timer ended a blocking wait for the lock."""
 
 
-def _flock_within(fd: int, timeout_s: float) -> None:
-    """Lock ``fd`` exclusively, waiting in the kernel's queue at most ``timeout_s`` (BlockingIOError if busy)."""
+def _flock_within(fd: int, operation: int, timeout_s: float) -> None:
+    """Take ``operation`` (LOCK_EX or LOCK_SH) on ``fd``, queueing in the kernel for at most ``timeout_s``.
+
+    Raises BlockingIOError when the lock is busy and this thread cannot wait in the kernel, and _WaitExpired
+    when the timer ended the wait.
+    """
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
         return
     except BlockingIOError:
         if timeout_s == 0 or threading.current_thread() is not threading.main_thread():
             raise
     with _alarm_after(timeout_s):
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, operation)
+
+
+_waiting = False  # True only while the main thread is blocked in flock(): the only moment SIGALRM may end
 
 
 @contextmanager
 def _alarm_after(seconds: float) -> Iterator[None]:
-    """Raise _WaitExpired in the main thread after ``seconds`` (never if negative), ending a blocked syscall."""
+    """Raise _WaitExpired in the blocked main thread after ``seconds`` (never if negative)."""
+    global _waiting
     if seconds < 0:
         yield
         return
+    if signal.getitimer(signal.ITIMER_REAL) != (0.0, 0.0):
+        raise BlockingIOError  # someone else's timer is running: leave it alone and let filelock poll
     previous = signal.signal(signal.SIGALRM, _expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
+    _waiting = True
     try:
         yield
     finally:
-        # Disarm before restoring the old handler: a SIGALRM under the default handler would kill the worker.
+        # Stop the wait first, then the timer, then restore the handler: a SIGALRM that is still pending when
+        # signal.signal() runs it must find nothing to interrupt, and none may arrive under the old handler.
+        _waiting = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
 
 def _expire(signum: int, frame: FrameType | None) -> None:
-    raise _WaitExpired
+    if _waiting:
+        raise _WaitExpired
 
 
 @contextmanager
-def holding(lock_path: Path, timeout_s: float, consequence: str) -> Iterator[None]:
+def holding(lock_path: Path, timeout_s: float, consequence: str, *, shared: bool = False) -> Iterator[None]:
     """Hold the lock on ``lock_path``; a wait longer than ``timeout_s`` raises LockTimeout (503, Retry-After)."""
-    lock = _lock_for(lock_path, timeout_s, os.getpid())
+    lock = _lock_for(lock_path, timeout_s, shared, os.getpid())
     try:
         lock.acquire()
     except Timeout:
@@ -112,7 +135,7 @@ def holding(lock_path: Path, timeout_s: float, consequence: str) -> Iterator[Non
 
 
 @functools.cache
-def _lock_for(lock_path: Path, timeout_s: float, pid: int) -> QueuedFileLock:
+def _lock_for(lock_path: Path, timeout_s: float, shared: bool, pid: int) -> QueuedFileLock:
     # One lock object per worker process: keyed by pid, so a worker never uses one inherited from the gunicorn
     # master (filelock refuses those), and made on first use, inside the worker, never at import.
-    return QueuedFileLock(lock_path, timeout=timeout_s)
+    return QueuedFileLock(lock_path, timeout=timeout_s, shared=shared)

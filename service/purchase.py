@@ -1,10 +1,16 @@
-"""The critical section: how one purchase reads, checks, works and writes, and what guards those steps.
+"""The critical sections: how one purchase reads, checks, works and writes, and what guards those steps.
 
 The four steps are written once, in ``PurchaseStrategy.purchase``. A strategy only chooses the guard around
-them: ``UnlockedPurchase`` none at all (several workers read the same count and each writes count - 1: the
-lost update, the oversell), ``LockedPurchase`` the inter-process file lock (one worker at a time: never
-oversold). ``strategy_for`` is the one place that maps a mode to a strategy; a new strategy (an optimistic
-version check, a lock service shared by several hosts) is a new subclass and one more entry there.
+them, both built on the inventory lock file (service/locks.py):
+
+- ``LockedPurchase`` holds the lock *exclusively*: one purchase at a time, never oversold.
+- ``UnlockedPurchase`` holds it *shared*. Shared holders do not exclude one another, so unlocked purchases
+  race freely: several read the same count, each writes count - 1, and the event is oversold. What the
+  shared hold adds is that a locked purchase or a reset waits until every unlocked purchase still in flight
+  has written, so switching to locked mode can never be undone by a straggler's stale write.
+
+``strategy_for`` is the one place that maps a mode to a strategy; a new strategy (an optimistic version
+check, a lock service shared by several hosts) is a new subclass and one more entry there.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import json
 import os
 import time
 import uuid
-from contextlib import AbstractContextManager, nullcontext
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from service.errors import SoldOut
@@ -46,7 +53,7 @@ class Purchase:
     replayed: bool = False
 
 
-class PurchaseStrategy:
+class PurchaseStrategy(ABC):
     """Sells tickets with read -> check -> work -> write; subclasses choose what guards those four steps."""
 
     mode = ""
@@ -55,9 +62,9 @@ class PurchaseStrategy:
         self.store = store
         self.lock_timeout_s = lock_timeout_s
 
-    def guard(self) -> AbstractContextManager[object]:
+    @abstractmethod
+    def guard(self) -> AbstractContextManager[None]:
         """What surrounds the critical section."""
-        raise NotImplementedError
 
     def purchase(self, request: PurchaseRequest, race_window_ms: int) -> Purchase:
         """Sell ``request.quantity`` tickets to ``request.buyer``, or raise SoldOut / LockTimeout."""
@@ -65,6 +72,7 @@ class PurchaseStrategy:
         started_at = time.time()
         with self.guard():
             if idempotent and (earlier := self.store.find_replay(idempotent)):
+                self.store.make_durable(earlier, idempotent)
                 return Purchase(earlier, replayed=True)
 
             inventory = self.store.read_inventory()  # 1. read
@@ -80,7 +88,7 @@ class PurchaseStrategy:
 
         # Durable before the 201, but flushed after the lock is released, so that buyers queue behind the
         # lock and not behind the disk (README, "Durability").
-        self.store.sync_orders()
+        self.store.make_durable(order, idempotent)
         return Purchase(order)
 
     def _new_order(self, request: PurchaseRequest, inventory: Inventory, started_at: float, read_at: float) -> Order:
@@ -96,20 +104,20 @@ class PurchaseStrategy:
 
 
 class UnlockedPurchase(PurchaseStrategy):
-    """No guard: the race is on."""
+    """A shared hold: unlocked purchases race one another, but never a locked purchase or a reset."""
 
     mode = "unlocked"
 
-    def guard(self) -> AbstractContextManager[object]:
-        return nullcontext()
+    def guard(self) -> AbstractContextManager[None]:
+        return holding(self.store.lock_path, self.lock_timeout_s, "nothing was sold", shared=True)
 
 
 class LockedPurchase(PurchaseStrategy):
-    """The inventory file lock around the critical section: one worker process at a time."""
+    """An exclusive hold on the inventory lock: one purchase at a time, in any worker process."""
 
     mode = "locked"
 
-    def guard(self) -> AbstractContextManager[object]:
+    def guard(self) -> AbstractContextManager[None]:
         return holding(self.store.lock_path, self.lock_timeout_s, "nothing was sold")
 
 
@@ -117,3 +125,9 @@ def strategy_for(mode: str, store: Store, lock_timeout_s: float) -> PurchaseStra
     """The one place that maps a mode name to its strategy."""
     strategies: dict[str, type[PurchaseStrategy]] = {"unlocked": UnlockedPurchase, "locked": LockedPurchase}
     return strategies[mode](store, lock_timeout_s)
+
+
+def reset(store: Store, fresh: Inventory, lock_timeout_s: float) -> None:
+    """The other critical section: clear every order and restore the count, with no purchase in flight."""
+    with holding(store.lock_path, lock_timeout_s, "the store was not reset"):
+        store.reset(fresh)

@@ -10,12 +10,12 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from service import validation
+from service import purchase, validation
 from service.config import Config
 from service.errors import OrderNotFound, StoreDamaged, Unauthorized
 from service.locks import holding
 from service.purchase import strategy_for
-from service.store import Inventory, Store
+from service.store import Inventory, PurchaseSettings, Store
 
 bp = Blueprint("booking", __name__)
 
@@ -43,7 +43,7 @@ def health() -> Response:
 def tickets() -> Response:
     """GET /tickets -> 200 {"event", "total", "remaining", "sold", "mode", "race_window_ms", "worker_pid"}."""
     store = _booking().store
-    return jsonify(_tickets_view(store.read_inventory(), store))
+    return jsonify(_tickets_view(store.read_inventory(), store.read_settings()))
 
 
 @bp.post("/orders")
@@ -101,7 +101,7 @@ def put_mode() -> Response:
     store = booking.store
     # Settings live in their own file and are never written by a purchase, so no racing buyer can undo this.
     with holding(store.settings_lock_path, booking.config.lock_timeout_s, "the mode was not changed"):
-        settings = replace(store.read_settings(), **change)
+        settings = replace(_current_or_configured_settings(store, booking.config), **change)
         store.write_settings(settings)
     current_app.logger.info("purchase settings now %s", settings)
     return jsonify(asdict(settings))
@@ -114,13 +114,12 @@ def reset() -> Response:
     _require_admin(booking.config)
     tickets, event = validation.reset_request(validation.json_object(request, required=False))
     store = booking.store
-    with holding(store.lock_path, booking.config.lock_timeout_s, "the store was not reset"):
-        current = _current_or_configured(store, booking.config)
-        total = current.total if tickets is None else tickets
-        fresh = Inventory(event=event or current.event, total=total, remaining=total)
-        store.reset(fresh)
+    settings = store.read_settings()  # before anything changes: a damaged settings file stops the reset here
+    current = _current_or_configured(store, booking.config)
+    fresh = Inventory.full(event or current.event, current.total if tickets is None else tickets)
+    purchase.reset(store, fresh, booking.config.lock_timeout_s)
     current_app.logger.info("store reset: %s", fresh)
-    return jsonify(_tickets_view(fresh, store))
+    return jsonify(_tickets_view(fresh, settings))
 
 
 @bp.get("/openapi.json")
@@ -130,8 +129,7 @@ def openapi() -> Response:
     return Response(document, mimetype="application/json")
 
 
-def _tickets_view(inventory: Inventory, store: Store) -> dict[str, Any]:
-    settings = store.read_settings()
+def _tickets_view(inventory: Inventory, settings: PurchaseSettings) -> dict[str, Any]:
     return {
         "event": inventory.event,
         "total": inventory.total,
@@ -148,7 +146,15 @@ def _current_or_configured(store: Store, config: Config) -> Inventory:
     try:
         return store.read_inventory()
     except StoreDamaged:
-        return Inventory(event=config.event, total=config.tickets, remaining=config.tickets)
+        return Inventory.full(config.event, config.tickets)
+
+
+def _current_or_configured_settings(store: Store, config: Config) -> PurchaseSettings:
+    """The settings a change applies to: the current ones, or the configured ones if the file is unusable."""
+    try:
+        return store.read_settings()
+    except StoreDamaged:
+        return PurchaseSettings(mode=config.mode, race_window_ms=config.race_window_ms)
 
 
 def _require_admin(config: Config) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,15 +15,17 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from loadtest.embedded import EmbeddedService
-from service import create_app
+from service import create_app, prepare_for_start
 
 ADMIN_TOKEN = "test-admin-token"
 
 
 @pytest.fixture
 def app(tmp_path: Path) -> Flask:
-    """The Flask app on a fresh db.json in a temporary folder (no gunicorn)."""
-    return create_app({"db_path": tmp_path / "db.json"})
+    """The Flask app on a fresh db.json in a temporary folder (no gunicorn; its on_starting step done by hand)."""
+    config = {"db_path": tmp_path / "db.json"}
+    prepare_for_start(config)
+    return create_app(config)
 
 
 @pytest.fixture
@@ -99,8 +102,25 @@ def buy_together(url: str, buyers: int, quantity: int = 1) -> list[requests.Resp
 
 
 def store_files(directory: Path) -> dict[str, bytes]:
-    """The bytes of every store file in ``directory`` (db.json and its sidecars), to prove nothing changed."""
-    return {path.name: path.read_bytes() for path in sorted(directory.glob("db.json*")) if path.is_file()}
+    """The bytes of every file under ``directory`` but the server log (db.json, its sidecars, keys, temporaries)."""
+    return {
+        str(path.relative_to(directory)): path.read_bytes()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != "gunicorn.log"
+    }
+
+
+def lock_holders(lock_path: Path) -> list[tuple[int, str]]:
+    """(PID, "WRITE" or "READ") of every process holding a flock on ``lock_path``, read from /proc/locks."""
+    status = os.stat(lock_path)
+    file_id = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
+    holders = []
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1093 fe:00:2148872 0 EOF"; a "->" after the number marks a waiter.
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == file_id:
+            holders.append((int(fields[4]), fields[3]))
+    return holders
 
 
 def read_db(path: Path) -> dict[str, Any]:

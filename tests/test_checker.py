@@ -124,3 +124,23 @@ def test_with_unknown_outcomes_the_count_must_stay_within_bounds(remaining: int)
 def test_a_count_above_the_tickets_is_out_of_bounds() -> None:
     result = check(3, [fail("b1")], remaining=4, recorded=[])
     assert result.count_out_of_bounds is not None
+
+
+def test_orders_beyond_the_tickets_are_flagged_even_when_their_buyers_heard_nothing() -> None:
+    # One ticket; b1's answer was lost (500) but its order was recorded, and b2 was sold the same ticket.
+    orders = [order("a", "b1", 0), order("b", "b2", 0, pid=2)]
+
+    result = check(1, [info("b1"), ok("b2", orders[1])], remaining=0, recorded=orders)
+
+    assert result.oversold == 0  # nobody was *told* more than existed ...
+    assert not result.correct  # ... but the store holds two orders for one ticket
+    assert any("recorded 2 tickets sold, only 1 existed" in anomaly for anomaly in result.anomalies)
+
+
+def test_recorded_sales_the_count_does_not_reflect_are_flagged() -> None:
+    # 5 tickets, count says 1 sold, but two orders are recorded (one of them by a buyer who heard nothing).
+    orders = [order("a", "b1", 4), order("b", "b2", 4, pid=2)]
+
+    result = check(5, [ok("b1", orders[0]), info("b2")], remaining=4, recorded=orders)
+
+    assert any("recorded tickets the remaining count does not reflect" in anomaly for anomaly in result.anomalies)

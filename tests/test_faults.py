@@ -11,6 +11,8 @@ import os
 import random
 import resource
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,19 +27,12 @@ from loadtest.checker import Check, Outcome, check
 from loadtest.client import ServiceClient
 from loadtest.embedded import EmbeddedService
 from loadtest.runner import release_buyers
-from tests.conftest import Api, buy_together, read_db, store_files
+from tests.conftest import Api, buy_together, lock_holders, read_db, store_files
 
 
 def lock_holder(lock_path: Path) -> int | None:
-    """The PID holding the flock on ``lock_path``, read from /proc/locks (None when it is free)."""
-    inode = os.stat(lock_path).st_ino
-    for line in Path("/proc/locks").read_text().splitlines():
-        fields = line.split()
-        if "->" in fields or len(fields) < 6 or fields[1] != "FLOCK":
-            continue  # "->" marks a waiter, not a holder
-        if int(fields[5].rsplit(":", 1)[1]) == inode:
-            return int(fields[4])
-    return None
+    """The PID holding the exclusive flock on ``lock_path`` (None when it is free)."""
+    return next((pid for pid, kind in lock_holders(lock_path) if kind == "WRITE"), None)
 
 
 def wait_for_workers(service: EmbeddedService, count: int) -> None:
@@ -117,11 +112,15 @@ def test_a_killed_server_restarts_cleanly_on_the_same_files(tmp_path: Path) -> N
     tickets = 40
     with EmbeddedService(workers=4, race_window_ms=40, directory=tmp_path) as first:
         _, buyers, outcomes = start_locked_load(first, tickets)
-        time.sleep(0.6)
+        while len((tmp_path / "db.json.orders").read_bytes().splitlines()) < 5:  # crash it mid-run
+            time.sleep(0.01)
         os.killpg(first.master_pid or 0, signal.SIGKILL)  # master and every worker at once
         buyers.join(timeout=60)
     # What a crash can leave behind: a temporary file half written, and a torn last line in the journal.
-    (tmp_path / ".db.json.k1ll3d.tmp").write_text('{"event": "half')
+    half_written = tmp_path / ".db.json.k1ll3d.tmp"
+    half_written.write_text('{"event": "half')
+    an_hour_ago = time.time() - 3600
+    os.utime(half_written, (an_hour_ago, an_hour_ago))  # left by a crash, not by a live writer
     with open(tmp_path / "db.json.orders", "ab") as journal:
         journal.write(b'{"order_id": "torn", "buyer": "crash", "qua')
 
@@ -255,3 +254,83 @@ def test_a_failed_write_keeps_the_previous_files_and_tells_the_buyer_no(
     after = api.post("/orders", {"buyer": "after the fault"})
     assert after.status_code == 201 and after.json()["remaining"] == 8
     assert [order["buyer"] for order in api.all_orders()] == ["before", "after the fault"]
+
+
+def test_a_db_json_removed_at_run_time_stays_missing_when_a_worker_restarts(api: Api, service: EmbeddedService) -> None:
+    api.post("/orders", {"buyer": "sold before"})
+    service.db_path.unlink()
+    os.kill(service.worker_pids()[0], signal.SIGKILL)
+    wait_for_workers(service, 4)
+
+    answers = [api.post("/orders", {"buyer": f"after-{n}"}) for n in range(8)]  # reaches every worker
+
+    assert {answer.status_code for answer in answers} == {500}
+    assert not service.db_path.exists()
+
+
+def test_a_retry_after_a_failed_write_may_change_its_body(api: Api, service: EmbeddedService) -> None:
+    key = {"Idempotency-Key": "first-try-failed"}
+    api.post("/orders", {"buyer": "before"})
+    journal_size = (service.directory / "db.json.orders").stat().st_size
+
+    with file_size_limit(service.worker_pids(), journal_size + 10):
+        failed = api.post("/orders", {"buyer": "typo"}, headers=key)
+    corrected = api.post("/orders", {"buyer": "fixed"}, headers=key)
+
+    assert failed.json()["error"] == "store_write_failed"
+    assert corrected.status_code == 201 and corrected.json()["buyer"] == "fixed"
+    assert [order["buyer"] for order in api.all_orders()] == ["before", "fixed"]
+
+
+def test_a_journal_line_cut_just_before_its_newline_is_not_an_order(tmp_path: Path) -> None:
+    # A write that stops one byte short leaves a complete JSON object without its newline: it must not stay.
+    script = f"""
+import json, resource
+from pathlib import Path
+from service.errors import StoreWriteFailed
+from service.store import Inventory, PurchaseSettings, Store
+store = Store(Path({str(tmp_path / "db.json")!r}))
+store.create_missing(Inventory.full("x", 5), PurchaseSettings("locked", 0))
+order = {{"order_id": "cut", "buyer": "b", "quantity": 1, "remaining": 4}}
+line = json.dumps(order, ensure_ascii=False, separators=(",", ":")).encode() + b"\\n"
+resource.setrlimit(resource.RLIMIT_FSIZE, (len(line) - 1, resource.RLIM_INFINITY))
+try:
+    store.record_sale(Inventory.full("x", 5), order)
+except StoreWriteFailed as error:
+    print("refused:", error)
+"""
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+
+    assert "refused: could not append" in completed.stdout, completed.stdout + completed.stderr
+    assert (tmp_path / "db.json.orders").read_bytes() == b""
+    assert read_db(tmp_path / "db.json")["remaining"] == 5
+
+
+def test_a_damaged_key_file_is_reported_not_sold_again(api: Api, service: EmbeddedService) -> None:
+    key = {"Idempotency-Key": "damaged-key"}
+    assert api.post("/orders", {"buyer": "ana"}, headers=key).status_code == 201
+    (key_file,) = (service.directory / "db.json.keys").glob("*.json")
+    key_file.write_text("{not json")
+
+    retry = api.post("/orders", {"buyer": "ana"}, headers=key)
+
+    assert (retry.status_code, retry.json()["error"]) == (500, "store_damaged")
+    assert api.get("/tickets").json()["sold"] == 1
+
+
+def test_a_damaged_settings_file_is_repaired_by_a_full_put_and_blocks_a_reset(
+    api: Api, service: EmbeddedService
+) -> None:
+    api.post("/orders", {"buyer": "ana"})
+    settings = service.directory / "db.json.settings"
+    settings.write_text('{"mode": "lockd", "race_window_ms": 20}')
+    before = store_files(service.directory)
+
+    reset = api.post("/reset", {"tickets": 5})
+    assert (reset.status_code, reset.json()["error"]) == (500, "store_damaged")
+    assert "PUT /mode" in reset.json()["message"]
+    assert store_files(service.directory) == before
+
+    repaired = api.put("/mode", {"mode": "locked", "race_window_ms": 20})
+    assert repaired.status_code == 200
+    assert api.post("/orders", {"buyer": "bo"}).status_code == 201

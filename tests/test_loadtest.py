@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,37 @@ from tests.conftest import Api
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def start_cli(*arguments: str, cwd: Path = ROOT) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "loadtest", *arguments]
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def run_cli(*arguments: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "loadtest", *arguments], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
+    process = start_cli(*arguments, cwd=cwd)
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # the CLI stops its embedded service on SIGTERM
+        stdout, stderr = process.communicate(timeout=60)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid``, read from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
 
 
 def pid_is_gone(pid: int) -> bool:
@@ -181,3 +209,22 @@ def test_the_text_timeline_marks_shared_reads() -> None:
     picture = render_text("UNLOCKED", bars_from_orders(orders))
 
     assert picture.count("[10") == 3 and "^10" in picture
+
+
+def test_sigterm_stops_the_run_and_its_embedded_service(tmp_path: Path) -> None:
+    process = start_cli(
+        "--modes", "locked", "--tickets", "200", "--buyers", "400", "--race-window-ms", "50", cwd=tmp_path
+    )
+    try:
+        assert process.stderr is not None
+        assert "releasing" in process.stderr.readline()  # the service is up and the buyers are on their way
+        deadline = time.monotonic() + 10
+        while len(service := descendants(process.pid)) < 5:  # gunicorn's master and its four workers
+            assert time.monotonic() < deadline, service
+            time.sleep(0.02)
+    finally:
+        process.terminate()
+        process.communicate(timeout=60)
+
+    assert process.returncode == 128 + 15
+    assert all(pid_is_gone(pid) for pid in service)

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from loadtest.embedded import EmbeddedService
-from tests.conftest import Api
+from tests.conftest import Api, lock_holders
 
 
 def _ask_many_times(url: str, path: str, times: int) -> list[dict[str, object]]:
@@ -38,6 +38,14 @@ def test_race_window_changes_at_run_time_for_every_worker(api: Api, service: Emb
     assert all(answer == {"mode": "locked", "race_window_ms": 0} for answer in answers)
 
 
+def _wait_for_shared_holders(service: EmbeddedService, count: int) -> None:
+    """Wait until ``count`` unlocked purchases hold the inventory lock (shared), i.e. sit in their race window."""
+    deadline = time.monotonic() + 10
+    while sum(kind == "READ" for _, kind in lock_holders(service.directory / "db.json.lock")) < count:
+        assert time.monotonic() < deadline, "the unlocked purchases never reached their race window"
+        time.sleep(0.005)
+
+
 def test_a_mode_change_is_not_lost_to_purchases_racing_with_it(api: Api, service: EmbeddedService) -> None:
     # Three unlocked purchases sit in a long race window on three workers while the fourth switches the mode;
     # they then write their stale reads back. The mode must survive those writes.
@@ -47,12 +55,27 @@ def test_a_mode_change_is_not_lost_to_purchases_racing_with_it(api: Api, service
             pool.submit(requests.post, f"{service.url}/orders", json={"buyer": f"slow-{n}"}, timeout=30)
             for n in range(3)
         ]
-        time.sleep(0.2)
+        _wait_for_shared_holders(service, 3)
         switched_at = time.time()
         assert api.put("/mode", {"mode": "locked"}).status_code == 200
         orders = [purchase.result().json() for purchase in purchases]
 
-    assert all(order["timing"]["read_at"] < switched_at < order["timing"]["wrote_at"] for order in orders)
+    assert all(order["timing"]["wrote_at"] > switched_at for order in orders)
     assert [order["mode"] for order in orders] == ["unlocked"] * 3
     assert api.get("/mode").json() == {"mode": "locked", "race_window_ms": 600}
-    assert api.post("/orders", {"buyer": "after"}).json()["mode"] == "locked"
+
+
+def test_a_locked_purchase_waits_for_unlocked_purchases_still_in_flight(api: Api, service: EmbeddedService) -> None:
+    # One ticket. An unlocked purchase has read 1 and sits in its race window when the mode becomes locked:
+    # the next, locked, buyer must see its write (0 left), not the stale 1 it read.
+    api.reset(tickets=1)
+    api.put("/mode", {"mode": "unlocked", "race_window_ms": 600})
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        straggler = pool.submit(requests.post, f"{service.url}/orders", json={"buyer": "straggler"}, timeout=30)
+        _wait_for_shared_holders(service, 1)
+        api.put("/mode", {"mode": "locked"})
+        late = api.post("/orders", {"buyer": "late"})
+        assert straggler.result().status_code == 201
+
+    assert (late.status_code, late.json()["error"]) == (409, "sold_out")
+    assert [order["buyer"] for order in api.all_orders()] == ["straggler"]
