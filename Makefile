@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 READY  := $(VENV)/.installed
 
-.PHONY: demo test lint serve clean
+.PHONY: demo test lint serve bench clean
 
 $(READY): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ lint: $(READY)
 	$(BIN)/ruff check service loadtest tests bench
 	$(BIN)/ruff format --check service loadtest tests bench
 	$(BIN)/mypy service loadtest
+
+## bench: the four performance measurements of issue #6, by hand (needs wrk: apt-get install wrk)
+bench: $(READY)
+	$(BIN)/python bench/bench.py
 
 ## serve: the service on http://127.0.0.1:8000 with the repository's db.json
 serve: $(READY)

@@ -13,12 +13,14 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
 from loadtest.client import ServiceError, ServiceUnreachable
-from loadtest.report import print_report, print_verdicts, svg_sections, to_json
-from loadtest.runner import LoadOptions, RunResult, run
+from loadtest.report import print_report, print_verdicts, svg_sections, throughput_table, to_json
+from loadtest.runner import LoadOptions, RunResult, run, target
+from loadtest.throughput import ThroughputOptions, measure_modes
 from loadtest.timeline import render_svg
 from service.config import MAX_RACE_WINDOW_MS, MODES
 
@@ -40,6 +42,8 @@ def cli(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
         options = options_from(arguments)
     except ValueError as error:
         parser.error(str(error))
+    if arguments.throughput is not None:
+        return throughput_cli(arguments, options, out, err)
     progress = None if arguments.quiet or arguments.json else Progress(err)
     try:
         result = run(options, progress)
@@ -93,7 +97,44 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("-q", "--quiet", action="store_true", help="print only the verdict lines")
     output.add_argument("-v", "--verbose", action="store_true", help="also print errors and anomalies per phase")
     parser.add_argument("--require-oversell", action="store_true", help="exit 1 if an unlocked phase did not oversell")
+    speed = parser.add_argument_group("throughput (instead of the buyers' phases)")
+    speed.add_argument(
+        "--throughput",
+        type=float,
+        metavar="SECONDS",
+        help="measure requests/s of each mode for SECONDS, on a store that cannot sell out, with the race "
+        "window at 0 unless --race-window-ms is given",
+    )
+    speed.add_argument("--connections", type=int, default=16, help="connections in all (default 16)")
+    speed.add_argument("--processes", type=int, default=2, help="client processes (default 2)")
     return parser
+
+
+def throughput_cli(arguments: argparse.Namespace, options: LoadOptions, out: TextIO, err: TextIO) -> int:
+    """``--throughput``: each mode's requests/s and latency, measured like wrk, from several processes."""
+    window = 0 if options.race_window_ms is None else options.race_window_ms
+    try:
+        with target(options) as client:
+            speed = ThroughputOptions(
+                client.base_url,
+                duration_s=arguments.throughput,
+                processes=arguments.processes,
+                connections=arguments.connections,
+                timeout_s=options.timeout_s,
+            )
+            if not arguments.quiet and not arguments.json:
+                print(f"measuring {', '.join(options.modes)} for {arguments.throughput:g} s each", file=err)
+            results = measure_modes(client, options.modes, speed, window)
+    except (ServiceUnreachable, ServiceError, RuntimeError, ValueError) as error:
+        print(f"ticketlock-loadtest: {error}", file=err)
+        return EXIT_USAGE
+    if arguments.json:
+        document = {"url": speed.url, "race_window_ms": window, "modes": {m: asdict(r) for m, r in results}}
+        json.dump(document, out, indent=2)
+        out.write("\n")
+    else:
+        print(throughput_table(results, window), file=out)
+    return EXIT_CORRECT
 
 
 def options_from(arguments: argparse.Namespace) -> LoadOptions:
@@ -112,6 +153,10 @@ def options_from(arguments: argparse.Namespace) -> LoadOptions:
         raise ValueError(f"--race-window-ms must be 0..{MAX_RACE_WINDOW_MS}")
     if arguments.timeout <= 0:
         raise ValueError("--timeout must be positive")
+    if arguments.throughput is not None and arguments.throughput <= 0:
+        raise ValueError("--throughput must be a positive number of seconds")
+    if arguments.processes < 1 or arguments.connections < arguments.processes:
+        raise ValueError("--processes must be at least 1 and --connections at least --processes")
     if arguments.url is not None and not arguments.url.startswith(("http://", "https://")):
         raise ValueError("--url must start with http:// or https://")
     return LoadOptions(

@@ -13,7 +13,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -149,21 +151,44 @@ class EmbeddedService:
 
 
 def processes_in_group(group: int) -> list[int]:
-    """PIDs of live (not zombie) processes whose process group is ``group``, read from /proc."""
-    pids = []
+    """PIDs of live (not zombie) processes whose process group is ``group``."""
+    return sorted(process.pid for process in _live_processes() if process.group == group)
+
+
+def descendants(root: int) -> list[int]:
+    """PIDs of every live process below ``root``: children, grandchildren, and so on."""
+    children: dict[int, list[int]] = {}
+    for process in _live_processes():
+        children.setdefault(process.parent, []).append(process.pid)
+    found: list[int] = []
+    frontier = [root]
+    while frontier:
+        below = children.get(frontier.pop(), [])
+        found += below
+        frontier += below
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class _Process:
+    pid: int
+    parent: int
+    group: int
+
+
+def _live_processes() -> Iterator[_Process]:
+    """Every process that is not a zombie, from /proc/<pid>/stat."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
         except OSError:
-            continue
+            continue  # it ended while we looked
         # The command name (field 2) is in parentheses and may hold spaces: split after its closing one.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        state, process_group = fields[0], int(fields[2])
-        if process_group == group and state != "Z":
-            pids.append(int(entry.name))
-    return sorted(pids)
+        state, parent, group = stat[stat.rindex(")") + 2 :].split()[:3]
+        if state != "Z":
+            yield _Process(int(entry.name), int(parent), int(group))
 
 
 def _signal_group(group: int, signal_number: signal.Signals) -> None:

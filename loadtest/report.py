@@ -7,6 +7,7 @@ from dataclasses import asdict
 from typing import Any, TextIO
 
 from loadtest.runner import PhaseResult, RunResult
+from loadtest.throughput import ThroughputResult
 from loadtest.timeline import bars_from_orders, overlapping_pairs, render_text, shared_reads
 
 
@@ -167,3 +168,32 @@ def _span(values: Sequence[Any]) -> str:
         return "-"
     low, high = min(values), max(values)
     return str(low) if low == high else f"{low}-{high}"
+
+
+def throughput_table(results: Sequence[tuple[str, ThroughputResult]], race_window_ms: int) -> str:
+    """One column per mode: requests/s, latency and what the requests got; the last mode against the first."""
+    rows: list[tuple[str, Callable[[ThroughputResult], Any]]] = [
+        ("requests/s", lambda result: round(result.requests_per_s)),
+        ("answered", lambda result: result.answered),
+        ("failed (no answer)", lambda result: result.failed),
+        ("statuses", lambda result: " ".join(f"{code}:{n}" for code, n in sorted(result.statuses.items()))),
+        ("latency p50 (ms)", lambda result: f"{result.latency_ms.p50:.1f}"),
+        ("latency p90 (ms)", lambda result: f"{result.latency_ms.p90:.1f}"),
+        ("latency p99 (ms)", lambda result: f"{result.latency_ms.p99:.1f}"),
+        ("latency max (ms)", lambda result: f"{result.latency_ms.max:.1f}"),
+        ("connections opened", lambda result: result.connections_opened),
+        ("client CPU per request (us)", lambda result: round(result.client_cpu_s / max(result.requests, 1) * 1e6)),
+    ]
+    first = results[0][1]
+    lines = [
+        f"throughput of {first.method} {first.path} at {first.url}, race window {race_window_ms} ms, "
+        f"{first.processes} client processes, {first.connections} connections, {first.duration_s:.1f} s per mode",
+        "",
+        " " * 28 + "".join(f"{mode:>16}" for mode, _ in results),
+    ]
+    lines += [f"{label:<28}" + "".join(f"{figure(result)!s:>16}" for _, result in results) for label, figure in rows]
+    if len(results) > 1:
+        (first_mode, base), (last_mode, last) = results[0], results[-1]
+        ratio = last.requests_per_s / base.requests_per_s if base.requests_per_s else 0.0
+        lines += ["", f"{last_mode} / {first_mode}: {ratio:.2f}x the requests/s"]
+    return "\n".join(lines)

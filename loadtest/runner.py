@@ -9,9 +9,9 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
-from contextlib import suppress
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from typing import Any
 
 from loadtest.checker import INFO, Check, Outcome, check
@@ -82,23 +82,34 @@ class RunResult:
 
 def run(options: LoadOptions, progress: ProgressCallback | None = None) -> RunResult:
     """Run every phase of ``options`` and return the results; starts and stops the embedded service if needed."""
+    service_pids: list[int] = []
+    with target(options, service_pids) as client:
+        phases = [
+            run_phase(client, options, mode, trial, progress)
+            for mode in options.modes
+            for trial in range(1, options.trials + 1)
+        ]
+    return RunResult(client.base_url, options.url is None, options, phases, service_pids)
+
+
+@contextmanager
+def target(options: LoadOptions, service_pids: list[int] | None = None) -> Iterator[ServiceClient]:
+    """A client for ``options.url``, or for an embedded service started now and stopped when the block ends.
+
+    The embedded service's PIDs (master and workers) are appended to ``service_pids`` as it stops.
+    """
     if options.url is not None:
-        return _run_against(options.url, options, progress, embedded=False)
+        client = ServiceClient(options.url, token=options.token, timeout_s=options.timeout_s)
+        client.health()
+        yield client
+        return
     with EmbeddedService(workers=options.workers) as service:
-        result = _run_against(service.url, options, progress, embedded=True)
-        pids = [service.master_pid or 0, *service.worker_pids()]
-    return replace(result, service_pids=pids)
-
-
-def _run_against(url: str, options: LoadOptions, progress: ProgressCallback | None, embedded: bool) -> RunResult:
-    client = ServiceClient(url, token=options.token, timeout_s=options.timeout_s)
-    client.health()
-    phases = [
-        run_phase(client, options, mode, trial, progress)
-        for mode in options.modes
-        for trial in range(1, options.trials + 1)
-    ]
-    return RunResult(url=url, embedded=embedded, options=options, phases=phases)
+        client = ServiceClient(service.url, timeout_s=options.timeout_s)
+        try:
+            yield client
+        finally:
+            if service_pids is not None:
+                service_pids += [service.master_pid or 0, *service.worker_pids()]
 
 
 def run_phase(

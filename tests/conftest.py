@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ from loadtest.embedded import EmbeddedService
 from service import create_app, prepare_for_start
 
 ADMIN_TOKEN = "test-admin-token"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -127,3 +130,20 @@ def read_db(path: Path) -> dict[str, Any]:
     """db.json parsed; fails the test if it is not valid JSON."""
     data: dict[str, Any] = json.loads(path.read_text())
     return data
+
+
+def start_cli(*arguments: str, cwd: Path = ROOT) -> subprocess.Popen[str]:
+    """``python -m loadtest`` with these arguments, running in the background."""
+    command = [sys.executable, "-m", "loadtest", *arguments]
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_cli(*arguments: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """``python -m loadtest`` with these arguments, to the end (SIGTERMed after 5 minutes)."""
+    process = start_cli(*arguments, cwd=cwd)
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # the CLI stops its embedded service on SIGTERM
+        stdout, stderr = process.communicate(timeout=60)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -16,45 +15,10 @@ import pytest
 
 from loadtest.checker import OK, Outcome, check
 from loadtest.cli import exit_status
-from loadtest.embedded import EmbeddedService
+from loadtest.embedded import EmbeddedService, descendants
 from loadtest.runner import Latency, LoadOptions, PhaseResult, RunResult
 from loadtest.timeline import bars_from_orders, overlapping_pairs, render_text, shared_reads
-from tests.conftest import Api
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def start_cli(*arguments: str, cwd: Path = ROOT) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "loadtest", *arguments]
-    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def run_cli(*arguments: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    process = start_cli(*arguments, cwd=cwd)
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        process.terminate()  # the CLI stops its embedded service on SIGTERM
-        stdout, stderr = process.communicate(timeout=60)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid``, read from /proc."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
+from tests.conftest import Api, run_cli, start_cli
 
 
 def pid_is_gone(pid: int) -> bool:
