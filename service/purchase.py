@@ -127,7 +127,7 @@ def strategy_for(mode: str, store: Store, lock_timeout_s: float) -> PurchaseStra
     return strategies[mode](store, lock_timeout_s)
 
 
-def reset(store: Store, fresh: Inventory, lock_timeout_s: float) -> None:
+def reset_store(store: Store, fresh: Inventory, lock_timeout_s: float) -> None:
     """The other critical section: clear every order and restore the count, with no purchase in flight."""
     with holding(store.lock_path, lock_timeout_s, "the store was not reset"):
         store.reset(fresh)

@@ -10,11 +10,11 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from service import purchase, validation
+from service import validation
 from service.config import Config
 from service.errors import OrderNotFound, StoreDamaged, Unauthorized
 from service.locks import holding
-from service.purchase import strategy_for
+from service.purchase import reset_store, strategy_for
 from service.store import Inventory, PurchaseSettings, Store
 
 bp = Blueprint("booking", __name__)
@@ -50,7 +50,8 @@ def tickets() -> Response:
 def create_order() -> tuple[Response, int, dict[str, str]]:
     """POST /orders {"buyer", "quantity"?} -> 201 the order; 200 a replay of the same Idempotency-Key.
 
-    Errors: 400 bad body, 409 sold_out, 422 Idempotency-Key reused with another body, 503 lock_timeout.
+    Errors: 400 bad body, 409 sold_out, 422 Idempotency-Key reused with another body, 500 store trouble,
+    503 lock_timeout.
     """
     booking = _booking()
     purchase_request = validation.order_request(
@@ -117,7 +118,7 @@ def reset() -> Response:
     settings = store.read_settings()  # before anything changes: a damaged settings file stops the reset here
     current = _current_or_configured(store, booking.config)
     fresh = Inventory.full(event or current.event, current.total if tickets is None else tickets)
-    purchase.reset(store, fresh, booking.config.lock_timeout_s)
+    reset_store(store, fresh, booking.config.lock_timeout_s)
     current_app.logger.info("store reset: %s", fresh)
     return jsonify(_tickets_view(fresh, settings))
 
