@@ -51,6 +51,8 @@ def cli(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
         print(f"ticketlock-loadtest: {error}", file=err)
         return EXIT_USAGE
     status = exit_status(result, require_oversell=arguments.require_oversell)
+    for reason in failure_reasons(result, require_oversell=arguments.require_oversell):
+        print(f"ticketlock-loadtest: {reason}", file=err)
     if arguments.svg:
         try:
             arguments.svg.write_text(render_svg(svg_sections(result)))
@@ -75,9 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ticketlock-loadtest",
         description="Fire concurrent buyers at the booking API, unlocked then locked, and check every outcome. "
         "Without --url it starts its own service (gunicorn, 4 workers, a temporary db.json) and stops it after.",
+        epilog="Exit status: 0 when every locked phase is correct; 1 when a locked phase shows an anomaly, or "
+        "with --require-oversell when an unlocked phase did not oversell; 2 for usage errors and an unreachable "
+        "service. With --url, each phase resets that service's store (POST /reset) and sets its mode.",
     )
     target = parser.add_argument_group("target")
-    target.add_argument("--url", help="a running service, e.g. http://127.0.0.1:8000 (default: start one)")
+    target.add_argument(
+        "--url", help="a running service, e.g. http://127.0.0.1:8000, whose store it resets (default: start one)"
+    )
     target.add_argument("--token", help="admin token for PUT /mode and POST /reset, if the service needs one")
     target.add_argument("--workers", type=int, default=4, help="workers of the embedded service (default 4)")
     load = parser.add_argument_group("load")
@@ -89,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("--trials", type=int, default=1, help="repeat each phase and aggregate (default 1)")
     load.add_argument("--race-window-ms", type=int, help="set the service's race window (default: keep its own)")
-    load.add_argument("--timeout", type=float, default=10.0, help="seconds before a request counts as unknown")
+    load.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds before a request counts as unknown (default 10)"
+    )
     output = parser.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print the whole result as one JSON document")
     output.add_argument("--svg", type=Path, help="also write the timeline of each phase to this SVG file")
@@ -159,6 +168,8 @@ def options_from(arguments: argparse.Namespace) -> LoadOptions:
         raise ValueError("--processes must be at least 1 and --connections at least --processes")
     if arguments.url is not None and not arguments.url.startswith(("http://", "https://")):
         raise ValueError("--url must start with http:// or https://")
+    if arguments.svg is not None and not arguments.svg.resolve().parent.is_dir():
+        raise ValueError(f"--svg: the folder of {arguments.svg} does not exist")
     return LoadOptions(
         url=arguments.url,
         token=arguments.token,
@@ -175,12 +186,21 @@ def options_from(arguments: argparse.Namespace) -> LoadOptions:
 
 def exit_status(result: RunResult, *, require_oversell: bool = False) -> int:
     """0 if every locked phase is correct (and, if required, every unlocked phase oversold), else 1."""
+    return EXIT_ANOMALY if failure_reasons(result, require_oversell=require_oversell) else EXIT_CORRECT
+
+
+def failure_reasons(result: RunResult, *, require_oversell: bool = False) -> list[str]:
+    """Why the run fails, one sentence per failing phase; empty when it passes."""
+    reasons = []
     for phase in result.phases:
         if phase.mode == "locked" and not phase.check.correct:
-            return EXIT_ANOMALY
+            reasons.append(f"locked trial {phase.trial} is not correct: {'; '.join(phase.check.anomalies)}")
         if phase.mode == "unlocked" and require_oversell and not phase.check.oversold:
-            return EXIT_ANOMALY
-    return EXIT_CORRECT
+            reasons.append(
+                f"--require-oversell: unlocked trial {phase.trial} did not oversell "
+                "(one worker hides the race: use more --workers, or a longer --race-window-ms)"
+            )
+    return reasons
 
 
 class Progress:

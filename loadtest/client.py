@@ -69,7 +69,8 @@ class ServiceClient:
         """The reply's JSON object if it has ``status``, else ServiceError naming the service's own error."""
         if reply.status != status:
             detail = reply.body.get("message") if isinstance(reply.body, dict) else reply.body
-            raise ServiceError(f"{what} failed with HTTP {reply.status}: {detail}")
+            hint = " (pass the service's admin token with --token)" if reply.status == 401 else ""
+            raise ServiceError(f"{what} failed with HTTP {reply.status}: {detail}{hint}")
         if not isinstance(reply.body, dict):
             raise ServiceError(f"{what}: the answer is not a JSON object: {str(reply.body)[:200]}")
         return reply.body

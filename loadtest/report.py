@@ -19,7 +19,7 @@ def modes_in(result: RunResult) -> list[str]:
 def verdict(mode: str, phases: Sequence[PhaseResult]) -> str:
     """One line a learner can read: what the buyers were told and whether the store agrees."""
     first = phases[0].check
-    head = f"{mode.upper()}: {first.buyers} buyers, {first.tickets} tickets"
+    head = f"{mode.upper()}: {_count(first.buyers, 'buyer')}, {_count(first.tickets, 'ticket')}"
     if len(phases) > 1:
         oversold = [phase.check.oversold for phase in phases]
         wrong = sum(1 for phase in phases if not phase.check.correct)
@@ -29,9 +29,14 @@ def verdict(mode: str, phases: Sequence[PhaseResult]) -> str:
             f"{head}, {len(phases)} trials -> anomalies in {wrong} of {len(phases)}; "
             f"oversold in {sum(1 for count in oversold if count)} (by {_span(oversold)})."
         )
-    told = f"{first.ok} buyers were told they got a ticket"
+    told = f"{_count(first.ok, 'buyer')} {'was' if first.ok == 1 else 'were'} told they got a ticket"
+    sold_out = phases[0].errors.get("sold_out", 0)
+    told += f", {sold_out} {'was' if sold_out == 1 else 'were'} told sold out"
+    refused = {error: count for error, count in phases[0].errors.items() if error != "sold_out"}
+    if refused:
+        told += ", " + ", ".join(f"{count} got {error}" for error, count in refused.items())
     if first.correct:
-        return f"{head} -> {told}, {first.fail} were told sold out: correct, nothing oversold."
+        return f"{head} -> {told}: correct, nothing oversold."
     if first.oversold:
         return f"{head} -> {told}: oversold by {first.oversold} (workers read the same count and each wrote count - 1)."
     return f"{head} -> {told}: " + "; ".join(first.anomalies) + "."
@@ -42,7 +47,7 @@ ROWS: list[tuple[str, Callable[[PhaseResult], Any]]] = [
     ("buyers", lambda phase: phase.check.buyers),
     ("tickets", lambda phase: phase.check.tickets),
     ("ok (told: you got one)", lambda phase: phase.check.ok),
-    ("fail (told: sold out)", lambda phase: phase.check.fail),
+    ("fail (told: no ticket)", lambda phase: phase.check.fail),
     ("info (outcome unknown)", lambda phase: phase.check.info),
     ("remaining", lambda phase: phase.check.remaining),
     ("orders recorded", lambda phase: phase.check.orders_recorded),
@@ -77,8 +82,9 @@ def timelines(result: RunResult) -> str:
     """The text timeline of each mode's first trial."""
     pictures = []
     for mode in modes_in(result):
-        phase = result.phases_for(mode)[0]
-        pictures.append(render_text(mode.upper(), bars_from_orders(phase.orders)))
+        phases = result.phases_for(mode)
+        title = mode.upper() if len(phases) == 1 else f"{mode.upper()} (trial 1 of {len(phases)})"
+        pictures.append(render_text(title, bars_from_orders(phases[0].orders)))
     return "\n\n".join(pictures)
 
 
@@ -155,6 +161,10 @@ def to_json(result: RunResult, exit_status: int) -> dict[str, Any]:
         "summary": summary,
         "exit_status": exit_status,
     }
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _cell_verdict(phase: PhaseResult) -> str:

@@ -138,7 +138,7 @@ HTTP_CODES = {
     400: ("invalid_request", "The request could not be understood."),
     404: ("not_found", "No such endpoint. See GET /openapi.json for the API."),
     405: ("method_not_allowed", "This endpoint does not accept that method."),
-    413: ("payload_too_large", "The request body is too large; orders are small JSON objects."),
+    413: ("payload_too_large", "The request body is too large: every body of this API is a small JSON object."),
     415: ("unsupported_media_type", "Send the body as JSON with 'Content-Type: application/json'."),
 }
 
@@ -158,12 +158,20 @@ def _unexpected_error(error: Exception) -> tuple[Response, int]:
     return jsonify(error_body("internal_error", "The server failed on this request; its log has the details.")), 500
 
 
+PROTOCOL_ADVICE = {
+    400: "gunicorn refused the request before the service saw it: send a well-formed HTTP/1.1 request.",
+    414: "Keep the request line under 4 KB; GET /orders pages with ?limit= and &offset=.",
+    431: "Send fewer or smaller headers.",
+}
+
+
 def write_protocol_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
     """gunicorn's answer to a request it cannot parse, in the same JSON shape as every other error.
 
     gunicorn.conf.py installs it in place of ``gunicorn.util.write_error``, which writes an HTML page.
     """
-    body = json.dumps(error_body(reason.lower().replace(" ", "_"), message)).encode()
+    text = f"{message}. {PROTOCOL_ADVICE.get(status, '')}".strip()
+    body = json.dumps(error_body(reason.lower().replace(" ", "_"), text), separators=(",", ":")).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"

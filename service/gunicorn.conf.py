@@ -38,7 +38,10 @@ threads = _whole_number("TICKETLOCK_THREADS", 1)  # per worker, with the gthread
 timeout = _whole_number("TICKETLOCK_WORKER_TIMEOUT", 30)
 if ticketlock_config.lock_timeout_s + MAX_RACE_WINDOW_MS / 1000 >= timeout:
     # gunicorn kills a worker silent for `timeout` s: a buyer must get its 503 before that.
-    raise SystemExit("ticketlock: TICKETLOCK_WORKER_TIMEOUT must exceed the lock timeout plus 5 s")
+    raise SystemExit(
+        f"ticketlock: TICKETLOCK_WORKER_TIMEOUT={timeout} must exceed the lock timeout "
+        f"({ticketlock_config.lock_timeout_s:g} s) plus the longest race window ({MAX_RACE_WINDOW_MS / 1000:g} s)"
+    )
 graceful_timeout = 10
 control_socket_disable = True  # gunicorn's control socket is one path per user: several servers would collide
 
@@ -48,6 +51,8 @@ gunicorn.util.write_error = write_protocol_error
 
 # --- Logging -----------------------------------------------------------------------------------------------
 loglevel = os.environ.get("TICKETLOCK_LOG_LEVEL", "info")
+if loglevel not in ("debug", "info", "warning", "error", "critical"):
+    raise SystemExit(f"ticketlock: TICKETLOCK_LOG_LEVEL={loglevel!r}: use debug, info, warning, error or critical")
 accesslog = os.environ.get("TICKETLOCK_ACCESS_LOG") or None
 
 

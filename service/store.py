@@ -370,8 +370,10 @@ def _is_count(value: object) -> bool:
 
 
 def _to_json_bytes(data: object, indent: int | None = None) -> bytes:
-    separators = None if indent else (",", ":")
-    return json.dumps(data, ensure_ascii=False, indent=indent, separators=separators).encode()
+    """Indented (a file for people to read, ending in a newline) or compact (one journal line, no newline)."""
+    if indent:
+        return json.dumps(data, ensure_ascii=False, indent=indent).encode() + b"\n"
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _parse_order_line(line: bytes) -> Order | None:

@@ -112,7 +112,10 @@ def test_an_unreachable_service_exits_2_with_one_clear_line() -> None:
     assert "did not answer" in completed.stderr and "Traceback" not in completed.stderr
 
 
-@pytest.mark.parametrize("arguments", [["--buyers", "0"], ["--modes", "fast"], ["--url", "ftp://x"], ["--nope"]])
+@pytest.mark.parametrize(
+    "arguments",
+    [["--buyers", "0"], ["--modes", "fast"], ["--url", "ftp://x"], ["--nope"], ["--svg", "/no/such/folder/x.svg"]],
+)
 def test_usage_errors_exit_2(arguments: list[str]) -> None:
     completed = run_cli(*arguments)
     assert completed.returncode == 2 and "usage:" in completed.stderr
@@ -123,6 +126,7 @@ def test_require_oversell_fails_when_one_worker_hides_the_race(tmp_path: Path) -
 
     assert completed.returncode == 1, completed.stdout + completed.stderr
     assert "correct, nothing oversold" in completed.stdout
+    assert "--require-oversell: unlocked trial 1 did not oversell" in completed.stderr
 
 
 def test_against_a_running_service_with_url(api: Api, service: EmbeddedService) -> None:
