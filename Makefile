@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 TESTING := $(VENV)/.installed-test
 
-.PHONY: demo test lint serve bench clean
+.PHONY: demo setup test lint serve bench clean
 
 $(RUNTIME): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,12 +21,15 @@ $(TESTING): $(RUNTIME)
 demo: $(RUNTIME)
 	$(BIN)/ticketlock-loadtest
 
-## test: lint, the whole test suite against real gunicorn, then the docker-compose demo (root only; see README)
-test: lint
-	$(BIN)/python -m pytest
-	bash tests/compose/run.sh
+## setup: .venv with the service, the load tester and the test tools
+setup: $(TESTING)
 
-lint: $(TESTING)
+## test: the README's test command: the code checks, the suite against real gunicorn, the compose demo
+test: setup
+	$(BIN)/python -m pytest
+
+## lint: just the code checks (tests/test_quality.py runs the same ones)
+lint: setup
 	$(BIN)/ruff check service loadtest tests bench
 	$(BIN)/ruff format --check service loadtest tests bench
 	$(BIN)/mypy service loadtest
