@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,12 +41,20 @@ class LoadOptions:
 
 @dataclass(frozen=True)
 class Latency:
-    """Latency figures over one phase's buyers, in milliseconds."""
+    """Latency figures in milliseconds: the median, two nearest-rank percentiles and the slowest."""
 
     p50: float
     p90: float
     p99: float
     max: float
+
+    @classmethod
+    def of_seconds(cls, seconds: Iterable[float]) -> Latency:
+        """The figures of these durations, given in seconds (all zero when there are none)."""
+        values = sorted(duration * 1000 for duration in seconds)
+        if not values:
+            return cls(0.0, 0.0, 0.0, 0.0)
+        return cls(statistics.median(values), _percentile(values, 90), _percentile(values, 99), values[-1])
 
 
 @dataclass(frozen=True)
@@ -136,7 +144,7 @@ def run_phase(
         check=check(options.tickets, outcomes, remaining, orders),
         duration_s=duration_s,
         throughput_rps=len(outcomes) / duration_s if duration_s > 0 else 0.0,
-        latency_ms=_latency(outcomes),
+        latency_ms=Latency.of_seconds(outcome.latency_s for outcome in outcomes),
         errors=_errors(outcomes),
         outcomes=outcomes,
         orders=orders,
@@ -188,18 +196,6 @@ def release_buyers(
     if missing:
         raise RuntimeError(f"{len(missing)} buyers were never sent (a buyer thread failed)")
     return [outcome for outcome in outcomes if outcome is not None]
-
-
-def _latency(outcomes: Sequence[Outcome]) -> Latency:
-    if not outcomes:
-        return Latency(0.0, 0.0, 0.0, 0.0)
-    values = sorted(outcome.latency_s * 1000 for outcome in outcomes)
-    return Latency(
-        p50=statistics.median(values),
-        p90=_percentile(values, 90),
-        p99=_percentile(values, 99),
-        max=values[-1],
-    )
 
 
 def _percentile(sorted_values: Sequence[float], percent: float) -> float:

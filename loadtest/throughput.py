@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.synchronize import Event as ProcessEvent
 from typing import Any
-from urllib.parse import urlsplit
 
 from loadtest.client import ServiceClient, describe
 from loadtest.runner import Latency
@@ -67,9 +66,7 @@ class ThroughputOptions:
             raise ValueError("processes must be at least 1, and connections at least processes")
         if not self.timeout_s > 0:
             raise ValueError("timeout_s must be positive")
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {self.url!r}")
+        ServiceClient(self.url)  # ValueError if it is not an http(s) URL
 
     @property
     def seconds(self) -> float:
@@ -280,11 +277,9 @@ def _connection_loop(
     options: ThroughputOptions, tally: _Tally, quota: int | None, released: threading.Event, stop_at: list[float]
 ) -> None:
     """Send requests back to back on one connection until the time is up or the quota is spent."""
-    parts = urlsplit(options.url)
-    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    connection = kind(parts.hostname or "", port, timeout=options.timeout_s)
-    path = parts.path.rstrip("/") + options.path
+    client = ServiceClient(options.url, timeout_s=options.timeout_s)
+    connection = client.connection()
+    path = client.prefix + options.path
     headers = dict(options.headers)
     released.wait()
     deadline = stop_at[0]
@@ -338,25 +333,8 @@ def _merge(options: ThroughputOptions, reports: list[dict[str, Any]], died: int)
         connections_opened=sum(report["connections_opened"] for report in reports),
         client_cpu_s=sum(report["cpu_s"] for report in reports),
         requests_per_s=answered / duration_s if duration_s > 0 else 0.0,
-        latency_ms=_latency_ms(sorted(latencies)),
+        latency_ms=Latency.of_seconds(latencies),
     )
-
-
-def _latency_ms(sorted_seconds: list[float]) -> Latency:
-    if not sorted_seconds:
-        return Latency(0.0, 0.0, 0.0, 0.0)
-    return Latency(
-        p50=_percentile(sorted_seconds, 50) * 1000,
-        p90=_percentile(sorted_seconds, 90) * 1000,
-        p99=_percentile(sorted_seconds, 99) * 1000,
-        max=sorted_seconds[-1] * 1000,
-    )
-
-
-def _percentile(sorted_values: list[float], percent: float) -> float:
-    """Nearest-rank percentile, the same definition as the buyers' report (``loadtest.runner``)."""
-    rank = max(1, math.ceil(len(sorted_values) * percent / 100))
-    return sorted_values[rank - 1]
 
 
 def measure_modes(

@@ -46,13 +46,9 @@ def prepare_for_start(config: Mapping[str, object] | None = None) -> Config:
     store = Store(settings.db_path)
     for leftover in store.remove_leftovers():
         logging.getLogger(__name__).warning("removed %s, left by a writer that was killed", leftover)
-    store.create_missing(Inventory.full(settings.event, settings.tickets), _purchase_settings(settings))
-    store.write_settings(_purchase_settings(settings))
+    store.create_missing(Inventory.full(settings.event, settings.tickets), PurchaseSettings.configured(settings))
+    store.write_settings(PurchaseSettings.configured(settings))
     return settings
-
-
-def _purchase_settings(config: Config) -> PurchaseSettings:
-    return PurchaseSettings(mode=config.mode, race_window_ms=config.race_window_ms)
 
 
 def _log_through_gunicorn() -> None:

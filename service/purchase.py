@@ -121,10 +121,12 @@ class LockedPurchase(PurchaseStrategy):
         return holding(self.store.lock_path, self.lock_timeout_s, "nothing was sold")
 
 
+STRATEGIES: dict[str, type[PurchaseStrategy]] = {"unlocked": UnlockedPurchase, "locked": LockedPurchase}
+
+
 def strategy_for(mode: str, store: Store, lock_timeout_s: float) -> PurchaseStrategy:
     """The one place that maps a mode name to its strategy."""
-    strategies: dict[str, type[PurchaseStrategy]] = {"unlocked": UnlockedPurchase, "locked": LockedPurchase}
-    return strategies[mode](store, lock_timeout_s)
+    return STRATEGIES[mode](store, lock_timeout_s)
 
 
 def reset_store(store: Store, fresh: Inventory, lock_timeout_s: float) -> None:

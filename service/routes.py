@@ -155,7 +155,7 @@ def _current_or_configured_settings(store: Store, config: Config) -> PurchaseSet
     try:
         return store.read_settings()
     except StoreDamaged:
-        return PurchaseSettings(mode=config.mode, race_window_ms=config.race_window_ms)
+        return PurchaseSettings.configured(config)
 
 
 def _require_admin(config: Config) -> None:

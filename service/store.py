@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from service.config import MAX_RACE_WINDOW_MS, MODES
+from service.config import MAX_RACE_WINDOW_MS, MODES, Config
 from service.errors import IdempotencyKeyReused, OrderNotDurable, StoreDamaged, StoreWriteFailed
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,11 @@ class PurchaseSettings:
 
     mode: str
     race_window_ms: int
+
+    @classmethod
+    def configured(cls, config: Config) -> PurchaseSettings:
+        """The settings the configuration starts a server with."""
+        return cls(mode=config.mode, race_window_ms=config.race_window_ms)
 
 
 @dataclass(frozen=True)
@@ -298,31 +303,22 @@ class Store:
     @staticmethod
     def _replace_bytes(path: Path, content: bytes, *, durable: bool = True) -> None:
         """Write a temporary file beside ``path`` and rename it over ``path`` (fsynced first if ``durable``)."""
+        temporary = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        except OSError as error:
-            raise StoreWriteFailed(f"could not write {path}: {error.strerror}") from error
-        try:
-            with os.fdopen(fd, "wb") as file:
-                os.fchmod(file.fileno(), 0o644)
-                file.write(content)
-                if durable:
-                    file.flush()
-                    os.fsync(file.fileno())
+            temporary = _write_temporary(path, content, durable=durable)
             os.replace(temporary, path)
         except OSError as error:
-            with suppress(OSError):
-                os.unlink(temporary)
+            if temporary is not None:
+                with suppress(OSError):
+                    os.unlink(temporary)
             message = f"could not write {path}: {error.strerror}; its previous contents are intact"
             raise StoreWriteFailed(message) from error
 
-    def _create_if_absent(self, path: Path, data: object) -> None:
-        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    @staticmethod
+    def _create_if_absent(path: Path, data: object) -> None:
+        temporary = _write_temporary(path, _to_json_bytes(data, indent=2), durable=True)
         try:
-            with os.fdopen(fd, "wb") as file:
-                os.fchmod(file.fileno(), 0o644)
-                file.write(_to_json_bytes(data, indent=2))
             # link() fails if the name exists, so a file someone else created in between is never replaced.
             with suppress(FileExistsError):
                 os.link(temporary, path)
@@ -355,6 +351,22 @@ class Store:
 
 def _damaged(path: Path, problem: str, kind: str) -> StoreDamaged:
     return StoreDamaged(f"{path} cannot be used: {problem}. The service leaves it untouched. {ADVICE[kind]}")
+
+
+def _write_temporary(path: Path, content: bytes, *, durable: bool) -> str:
+    """A new file beside ``path``, readable by all, holding ``content`` (fsynced if ``durable``): its name."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(file.fileno(), 0o644)
+            file.write(content)
+            if durable:
+                file.flush()
+                os.fsync(file.fileno())
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    return temporary
 
 
 def _fsync(path: Path) -> None:
