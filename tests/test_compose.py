@@ -1,4 +1,9 @@
-"""The docker-compose demo, run for real by tests/compose/run.sh (README, "Docker compose").
+"""Both docker-compose demos, run for real by tests/compose/run.sh (README, "Docker compose").
+
+The single-host demo (one api container behind nginx: unlocked oversells, locked is correct) and the cluster demo
+(three replicas behind nginx sharing PostgreSQL: the file lock oversells across them, the database's mutexes are
+correct), each checked through its load balancer: the verdicts, curl's answers, loopback-only publishing, and slow
+clients that cannot stall the API.
 
 The script needs root to run a Docker engine. Where it cannot (not root, or TICKETLOCK_COMPOSE_TEST=skip) it
 says so in one line, and this test is reported as skipped with that line; with CI=true the script always runs,
@@ -14,7 +19,7 @@ import pytest
 from tests.conftest import ROOT
 
 
-def test_the_compose_demo_oversells_unlocked_and_is_correct_locked() -> None:
+def test_both_compose_demos_show_every_expected_verdict_through_their_load_balancer() -> None:
     completed = subprocess.run(
         ["bash", str(ROOT / "tests" / "compose" / "run.sh")],
         cwd=ROOT,

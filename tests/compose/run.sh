@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
-# The docker-compose demo, run for real (issue 4): validate docker-compose.yml, lint the Dockerfile, then
-# `docker compose up --build` and pass only if `loadtest` exits 0 having shown the unlocked oversell and a
-# correct locked phase, and if curl gets the documented answers from the running `api`.
+# Both docker-compose demos, run for real (issues 4 and 13): validate docker-compose.yml in both profiles, lint
+# the Dockerfiles, then for each demo `docker compose up --build` and pass only if its loadtest exits 0 having
+# shown every expected verdict, curl gets the documented answers through the load balancer, nothing listens on an
+# address of this machine other than loopback, and slow clients cannot stall the API behind nginx.
+#
+#   single-host (the default profile): api (one container, 4 workers, db.json), lb (nginx), loadtest: the
+#     unlocked phase oversells, the locked phase is correct.
+#   cluster (--profile cluster): db (PostgreSQL), cluster-api (three replicas, a lock file each), cluster-lb,
+#     cluster-loadtest: every mode through the load balancer; the file lock oversells across the replicas, the
+#     database's mutexes are correct, and the host changes from answer to answer.
 #
 # No registry can be reached here, so the script brings its own engine: containerd and dockerd from Debian's
-# docker.io under a temporary folder (no bridge network, no iptables), and a stand-in for the Dockerfile's base
-# image made with debootstrap and cached in $CACHE. docker-compose.ci.yml puts both services on the host's
-# network. Whatever it starts is stopped by PID on exit, pass or fail.
+# docker.io under a temporary folder, and stand-ins for the images the files name: a Debian root made with
+# debootstrap for the Dockerfile's base image and for Debian's own, and from it, images of Debian's postgresql
+# and nginx packages that keep the official images' interface (tests/compose/stand-ins/). The demos then run on
+# compose's own bridge network, as a user's do: dockerd makes no iptables rules (--iptables=false), which a
+# network between containers does not need (they reach one another, and docker-proxy reaches them for a published
+# port), and with IP forwarding off nothing they send leaves this machine. docker-compose.ci.yml only lets the
+# image builds use the host's network, for PyPI. Whatever the script starts is stopped by PID on exit, pass or fail.
 #
 # Outside CI, a machine that cannot run the engine (not root, no apt-get, a failed install) is skipped with one
 # line and exit status 0, and so is a run with TICKETLOCK_COMPOSE_TEST=skip. With CI=true the script always
@@ -17,14 +28,23 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 CACHE=/var/cache/ticketlock-compose
 LOG=$CACHE/last-run.log
-# docker compose with the CI override laid over the real file, under a project name of its own.
+# docker compose with the CI override laid over the real file, under a project name of its own. Without
+# --profile, the repository's .env selects the single-host demo, as it does for a user.
 COMPOSE=(docker compose --project-name ticketlock-ci --file "$REPO/docker-compose.yml"
     --file "$HERE/docker-compose.ci.yml")
+CLUSTER=("${COMPOSE[@]}" --profile cluster)
 
 # The admin token docker-compose.yml and the README give the demo when TICKETLOCK_ADMIN_TOKEN is not set.
 DEMO_TOKEN=ticketlock-demo
-# Run the demo as a user would, with the compose file's defaults, whatever this shell has set.
-unset TICKETLOCK_ADMIN_TOKEN TICKETLOCK_WORKERS
+# Run the demos as a user would, with the compose file's defaults, whatever this shell has set.
+unset TICKETLOCK_ADMIN_TOKEN TICKETLOCK_WORKERS TICKETLOCK_DB_PASSWORD TICKETLOCK_PUBLISH_ADDRESS \
+    COMPOSE_PROFILES COMPOSE_FILE COMPOSE_PROJECT_NAME
+
+# What the cluster's loadtest must show for each mode (the modes table, service/modes.py): across three hosts
+# only the database's guards protect; the file lock is one host's, a thread lock one process's, and the memory
+# mode sells from each worker's own copy of the count.
+CLUSTER_OVERSOLD=(UNLOCKED LOCKED THREAD-LOCK MEMORY)
+CLUSTER_CORRECT=(OPTIMISTIC ROW-LOCK ADVISORY-LOCK ATOMIC REPEATABLE-READ)
 
 # python3-venv: Debian's own python3 needs it for the virtualenv the tools go in.
 HOST_PACKAGES=(docker.io containerd debootstrap curl jq python3-venv)
@@ -34,6 +54,9 @@ HADOLINT_VERSION=2.15.1
 BASE_IMAGE=$(awk '$1 == "FROM" { print $2; exit }' "$REPO/Dockerfile")
 SUITE=${BASE_IMAGE##*-}
 STAND_IN_PACKAGES=python3,python3-pip,python3-venv,ca-certificates
+# The official images docker-compose.yml names, each made by the folder of tests/compose/stand-ins/ that bears
+# the part of its name before the tag.
+STAND_IN_FOLDERS=(postgres nginx)
 
 phase="setup" # a failure while setting up is a skip outside CI; once testing, every failure is a failure
 step="take $CACHE for this run" # what the script is doing, for the message if it fails
@@ -60,15 +83,15 @@ main() {
     install_host_packages
     install_compose_and_hadolint
     start_engine
-    load_stand_in_base_image
+    load_stand_in_images
     echo "compose test: engine ready in $((SECONDS - started)) s ($(docker_versions))"
 
     phase="test"
-    choose_api_address
+    choose_publish_address
     validate_compose_files
-    lint_dockerfile
-    run_demo
-    check_api_with_curl
+    lint_dockerfiles
+    run_single_host_demo
+    run_cluster_demo
     echo "compose test: passed in $((SECONDS - started)) s"
 }
 
@@ -112,7 +135,7 @@ clean_up() {
     set +e
     [[ -n $step_pid ]] && kill -TERM -- "-$step_pid" 2>/dev/null # a step interrupted by a signal
     if [[ -n $dockerd_pid ]]; then
-        timeout 60 "${COMPOSE[@]}" down --volumes --remove-orphans --timeout 10 >>"$LOG" 2>&1
+        timeout 60 "${COMPOSE[@]}" --profile '*' down --volumes --remove-orphans --timeout 10 >>"$LOG" 2>&1
         # Anything compose could not remove goes too: this engine holds nothing but this run's containers.
         { docker ps --all --quiet | xargs --no-run-if-empty timeout 60 docker rm --force --volumes; } >>"$LOG" 2>&1
     fi
@@ -224,7 +247,9 @@ start_engine() {
     local engine=$run_dir/engine
     mkdir -p "$engine"
     # Only what dockerd needs, and nothing written outside $engine: no Kubernetes (CRI) plugin, no /opt/containerd,
-    # no identity key in /etc/docker.
+    # no identity key in /etc/docker. dockerd leaves this machine's firewall and IP forwarding as they are: no
+    # default bridge (compose makes its own network), no iptables rules, and no forwarding (by default dockerd
+    # turns net.ipv4.ip_forward on, and leaves it on), so containers reach one another and nothing beyond.
     cat >"$engine/containerd.toml" <<EOF
 version = 2
 disabled_plugins = ["io.containerd.grpc.v1.cri"]
@@ -240,7 +265,8 @@ EOF
     containerd_pid=$!
     dockerd --config-file "$engine/daemon.json" --containerd "$engine/containerd.sock" \
         --data-root "$engine/docker-root" --exec-root "$engine/docker-exec" --pidfile "$engine/dockerd.pid" \
-        --host "unix://$engine/docker.sock" --bridge=none --iptables=false --ip-masq=false --log-level warn \
+        --host "unix://$engine/docker.sock" --bridge=none --iptables=false --ip-masq=false --ip-forward=false \
+        --log-level warn \
         >>"$LOG" 2>&1 9>&- &
     dockerd_pid=$!
     export DOCKER_HOST=unix://$engine/docker.sock
@@ -254,10 +280,16 @@ EOF
     done
 }
 
-# A Debian root with python3, pip and venv, imported under the base image's name. Cached by what it holds.
-load_stand_in_base_image() {
+load_stand_in_images() {
+    load_stand_in_base_images
+    build_stand_in_service_images
+}
+
+# A Debian root with python3, pip and venv, imported under the base image's name and under the name of Debian's
+# official image, which the stand-ins of tests/compose/stand-ins/ start FROM. Cached by what it holds.
+load_stand_in_base_images() {
     step="make a stand-in for $BASE_IMAGE with debootstrap"
-    local key root mirror
+    local key root mirror debian_image
     key=$(echo "$SUITE minbase $STAND_IN_PACKAGES $(dpkg --print-architecture)" | sha256sum | cut -c1-12)
     root=$CACHE/rootfs-$SUITE-$key
     if [[ ! -d $root ]]; then
@@ -276,10 +308,38 @@ load_stand_in_base_image() {
     fi
     # The machine's CA bundle, so that pip inside the build trusts what pip on this machine trusts.
     cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+    # As in Debian's official images: a package installed in a build never starts its service (a stand-in's build
+    # runs on the host's network, where a started nginx would listen on port 80 of every address).
+    printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
+    chmod 755 "$root/usr/sbin/policy-rc.d"
     step="import the stand-in as $BASE_IMAGE"
     # As in the official image: a UTF-8 locale, and python3 when no command is given.
     tar --create --directory "$root" . |
         docker import --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' - "$BASE_IMAGE" >>"$LOG" 2>&1
+    awk '$1 == "FROM" { print $2 }' "$HERE"/stand-ins/*/Dockerfile | sort -u | while read -r debian_image; do
+        docker tag "$BASE_IMAGE" "$debian_image"
+    done
+}
+
+# postgres and nginx as docker-compose.yml names them, built from Debian's packages (under a minute, and not
+# cached: saving and loading the images takes as long as building them).
+build_stand_in_service_images() {
+    local image folder found project_image
+    step="list the images docker-compose.yml names"
+    project_image=$( (cd "$REPO" && docker compose --profile '*' config --format json) | jq -r '.services.api.image')
+    for image in $(cd "$REPO" && docker compose --profile '*' config --images | sort -u); do
+        [[ $image == "$project_image" ]] && continue
+        found=""
+        for folder in "${STAND_IN_FOLDERS[@]}"; do
+            if [[ ${image%%:*} == "$folder" ]]; then
+                step="build the stand-in for $image from tests/compose/stand-ins/$folder"
+                echo "compose test: building a stand-in for $image from Debian's packages"
+                bounded 600 docker build --network host --tag "$image" "$HERE/stand-ins/$folder" >>"$LOG" 2>&1
+                found=yes
+            fi
+        done
+        [[ -n $found ]] || fail "docker-compose.yml names $image, and tests/compose/stand-ins/ has no stand-in for it"
+    done
 }
 
 docker_versions() {
@@ -288,11 +348,12 @@ docker_versions() {
 
 # --- Testing ---------------------------------------------------------------------------------------------------
 
-# A random address in 127.0.0.0/8 (all of it is this host's loopback) where port 8000 is free, so that `api`
-# listens on port 8000 as in the real compose file without clashing with anything on this machine.
-choose_api_address() {
+# A random address in 127.0.0.0/8 (all of it is this host's loopback) where port 8000 is free: the demos publish
+# their load balancer there, through the compose file's own TICKETLOCK_PUBLISH_ADDRESS, without clashing with
+# anything on this machine that holds 127.0.0.1:8000.
+choose_publish_address() {
     step="find a loopback address with port 8000 free"
-    TICKETLOCK_CI_ADDRESS=$(python3 - <<'EOF'
+    TICKETLOCK_PUBLISH_ADDRESS=$(python3 - <<'EOF'
 import random
 import socket
 
@@ -309,43 +370,170 @@ else:
     raise SystemExit("port 8000 is taken on every loopback address tried")
 EOF
     )
-    export TICKETLOCK_CI_ADDRESS
-    api_url=http://$TICKETLOCK_CI_ADDRESS:8000
+    export TICKETLOCK_PUBLISH_ADDRESS
+    lb_url=http://$TICKETLOCK_PUBLISH_ADDRESS:8000
 }
 
 validate_compose_files() {
-    step="validate docker-compose.yml with docker compose config"
-    (cd "$REPO" && docker compose config --quiet) >>"$LOG" 2>&1
-    step="validate docker-compose.yml with the CI override"
-    "${COMPOSE[@]}" config --quiet >>"$LOG" 2>&1
-    echo "compose test: docker compose config: docker-compose.yml is valid, alone and with the CI override"
+    local profile published
+    for profile in single-host cluster; do
+        step="validate docker-compose.yml, profile $profile, with docker compose config"
+        (cd "$REPO" && env -u TICKETLOCK_PUBLISH_ADDRESS docker compose --profile "$profile" config --quiet) \
+            >>"$LOG" 2>&1
+        step="validate docker-compose.yml, profile $profile, with the CI override"
+        "${COMPOSE[@]}" --profile "$profile" config --quiet >>"$LOG" 2>&1
+    done
+    step="check that .env makes single-host the default profile"
+    [[ $(cd "$REPO" && docker compose config --services | sort | xargs) == "api lb loadtest" ]] ||
+        fail "a plain \`docker compose config\` does not select exactly api, lb and loadtest (see .env)"
+    # What a user gets without setting anything: the load balancers alone publish a port, on loopback.
+    step="check what docker-compose.yml publishes by default"
+    published=$(cd "$REPO" && env -u TICKETLOCK_PUBLISH_ADDRESS docker compose --profile '*' config --format json |
+        jq -c '[.services | to_entries[] | select(.value.ports) | {(.key): [.value.ports[] | .host_ip]}] | add')
+    [[ $published == '{"cluster-lb":["127.0.0.1"],"lb":["127.0.0.1"]}' ]] ||
+        fail "by default only lb and cluster-lb may publish a port, on 127.0.0.1; docker-compose.yml: $published"
+    echo "compose test: docker compose config: both profiles valid, alone and with the CI override;" \
+        "by default only lb and cluster-lb publish a port, on 127.0.0.1"
 }
 
-lint_dockerfile() {
-    step="lint the Dockerfile with hadolint (failure threshold: error)"
-    "$hadolint" --no-color --failure-threshold error "$REPO/Dockerfile" | tee -a "$LOG"
-    echo "compose test: hadolint $HADOLINT_VERSION: no errors in the Dockerfile"
+lint_dockerfiles() {
+    local dockerfile
+    for dockerfile in "$REPO/Dockerfile" "$HERE"/stand-ins/*/Dockerfile; do
+        step="lint ${dockerfile#"$REPO/"} with hadolint (failure threshold: error)"
+        "$hadolint" --no-color --failure-threshold error "$dockerfile" | tee -a "$LOG"
+    done
+    echo "compose test: hadolint $HADOLINT_VERSION: no errors in the Dockerfile and the stand-ins' Dockerfiles"
 }
 
-run_demo() {
-    local begun=$SECONDS container status
-    step="docker compose up --build --detach"
-    bounded 900 "${COMPOSE[@]}" up --build --detach >>"$LOG" 2>&1
-    echo "compose test: docker compose up --build: image built, api healthy, loadtest started in $((SECONDS - begun)) s"
+# --- The single-host demo --------------------------------------------------------------------------------------
 
-    step="wait for the loadtest container to exit"
-    container=$("${COMPOSE[@]}" ps --all --quiet loadtest)
-    bounded 300 docker wait "$container" >"$run_dir/loadtest.status"
-    status=$(<"$run_dir/loadtest.status")
-    demo_output=$run_dir/loadtest.log
-    "${COMPOSE[@]}" logs --no-color --no-log-prefix loadtest >"$demo_output" 2>&1
+run_single_host_demo() {
+    echo "compose test: the single-host demo (docker compose up --build)"
+    compose_up "${COMPOSE[@]}"
+    wait_for_loadtest loadtest "${COMPOSE[@]}"
+    expect_verdict UNLOCKED oversold
+    expect_verdict LOCKED correct
+
+    echo "compose test: curl through lb at $lb_url:"
+    expect_answer GET /health 200 '. == {"status": "ok"}'
+    expect_answer POST /reset 401 '.error == "unauthorized"'
+    expect_answer POST /reset 200 '.remaining == .total and .sold == 0' -H "Authorization: Bearer $DEMO_TOKEN"
+    expect_answer GET /tickets 200 \
+        '["event", "total", "remaining", "sold", "mode", "race_window_ms", "worker_pid"] - keys == []'
+    expect_answer POST /orders 201 '.buyer == "ana" and .quantity == 1 and (.order_id | length) > 0' \
+        -H 'Content-Type: application/json' -d '{"buyer": "ana"}'
+    expect_answer GET /tickets 200 '.sold == 1 and .remaining == .total - 1'
+
+    expect_only_loopback_listeners
+    expect_slow_clients_cannot_stall
+    # The control: the same trick straight at gunicorn's sync workers (on the compose network, since api publishes
+    # nothing) stalls them. The check above would catch an nginx that stopped buffering.
+    step="run the slow-client control against api:8000 itself"
+    bounded 60 "${COMPOSE[@]}" run --rm --no-deps --entrypoint python3 \
+        --volume "$HERE/slow_clients.py:/tmp/slow_clients.py:ro" loadtest \
+        /tmp/slow_clients.py http://api:8000 --connections 6 --limit 2 --expect-stall >"$run_dir/control.txt" 2>&1 ||
+        { cat "$run_dir/control.txt" >&2; fail "6 slow clients did not stall api's 4 workers: the control proves nothing"; }
+    echo "  control, straight at gunicorn: $(tail -n 1 "$run_dir/control.txt")"
+
+    compose_down "${COMPOSE[@]}"
+}
+
+# --- The cluster demo ------------------------------------------------------------------------------------------
+
+run_cluster_demo() {
+    local mode
+    echo "compose test: the cluster demo (docker compose --profile cluster up --build)"
+    compose_up "${CLUSTER[@]}"
+    wait_for_loadtest cluster-loadtest "${CLUSTER[@]}"
+    for mode in "${CLUSTER_OVERSOLD[@]}"; do
+        expect_verdict "$mode" oversold
+    done
+    for mode in "${CLUSTER_CORRECT[@]}"; do
+        expect_verdict "$mode" correct
+    done
+
+    echo "compose test: curl through cluster-lb at $lb_url:"
+    expect_answer GET /health 200 '. == {"status": "ok"}'
+    expect_answer POST /reset 200 '.remaining == .total and .sold == 0' -H "Authorization: Bearer $DEMO_TOKEN"
+    expect_answer POST /orders 201 '.buyer == "ana" and .store == "postgres"' \
+        -H 'Content-Type: application/json' -d '{"buyer": "ana"}'
+    expect_host_changing
+    expect_database_unpublished
+
+    expect_only_loopback_listeners
+    expect_slow_clients_cannot_stall
+
+    compose_down "${CLUSTER[@]}"
+}
+
+# GET /tickets six times through the load balancer: nginx hands the requests to the replicas in turn.
+expect_host_changing() {
+    local hosts=() answer i
+    step="read the host of six answers through cluster-lb"
+    for i in 1 2 3 4 5 6; do
+        answer=$(curl --silent --show-error --fail --max-time 10 "$lb_url/tickets")
+        echo "  GET /tickets -> 200 $answer"
+        hosts+=("$(jq -r '.host' <<<"$answer")")
+    done
+    echo "  hosts, answer by answer: ${hosts[*]}"
+    [[ $(printf '%s\n' "${hosts[@]}" | awk '$0 != "null"' | sort -u | wc -l) == 3 ]] ||
+        fail "six answers through cluster-lb came from $(printf '%s\n' "${hosts[@]}" | sort -u | xargs), not from 3 hosts"
+    for i in 1 2 3 4 5; do
+        [[ ${hosts[i]} != "${hosts[i - 1]}" ]] || fail "answers $i and $((i + 1)) through cluster-lb came from one host"
+    done
+}
+
+expect_database_unpublished() {
+    local container ports
+    step="check that db publishes no port"
+    container=$("${CLUSTER[@]}" ps --quiet db)
+    ports=$(docker inspect --format '{{json .NetworkSettings.Ports}}' "$container")
+    jq --exit-status 'to_entries | all(.value == null)' <<<"$ports" >/dev/null ||
+        fail "db publishes a port: $ports"
+    echo "  db: ports $ports (reached only on the compose network)"
+}
+
+# --- Steps both demos take -------------------------------------------------------------------------------------
+
+compose_up() {
+    local begun=$SECONDS
+    step="take note of what listens on this machine before docker compose up"
+    listening_sockets >"$run_dir/listening-before"
+    step="$* up --build --detach"
+    bounded 900 "$@" up --build --detach >>"$LOG" 2>&1
+    echo "compose test: docker compose up --build: images built, every service healthy, loadtest started" \
+        "in $((SECONDS - begun)) s"
+}
+
+compose_down() {
+    step="$* down --volumes"
+    bounded 120 "$@" down --volumes --remove-orphans --timeout 10 >>"$LOG" 2>&1
+}
+
+# wait_for_loadtest SERVICE COMPOSE...: wait for the loadtest container to exit; keep its report in demo_output.
+wait_for_loadtest() {
+    local service=$1 begun=$SECONDS container status
+    shift
+    step="wait for the $service container to exit"
+    container=$("$@" ps --all --quiet "$service")
+    bounded 600 docker wait "$container" >"$run_dir/$service.status"
+    status=$(<"$run_dir/$service.status")
+    demo_output=$run_dir/$service.log
+    "$@" logs --no-color --no-log-prefix "$service" >"$demo_output" 2>&1
     cat "$demo_output" >>"$LOG"
-    echo "compose test: loadtest exited with status $status after $((SECONDS - begun)) s; its verdicts:"
-    grep -E '^(UNLOCKED|LOCKED): [0-9]+ buyers' "$demo_output" | sed 's/^/  /' || true
-    ((status == 0)) || demo_failed "loadtest exited with status $status"
-    grep -qE '^UNLOCKED: .* oversold by [0-9]+ ' "$demo_output" || demo_failed "the unlocked phase did not oversell"
-    grep -qE '^LOCKED: .*: correct, nothing oversold\.$' "$demo_output" ||
-        demo_failed "the locked phase was not correct"
+    echo "compose test: $service exited with status $status after $((SECONDS - begun)) s; its verdicts:"
+    grep -E '^[A-Z-]+: [0-9]+ buyers' "$demo_output" | sed 's/^/  /' || true
+    ((status == 0)) || demo_failed "$service exited with status $status"
+}
+
+# expect_verdict MODE oversold|correct: the verdict line the load tester printed for MODE says so.
+expect_verdict() {
+    local mode=$1 expected=$2 pattern
+    case $expected in
+        oversold) pattern="^$mode: [0-9]+ buyers.* oversold by [0-9]+" ;;
+        correct) pattern="^$mode: [0-9]+ buyers.*: correct, nothing oversold" ;;
+    esac
+    grep -qE "$pattern" "$demo_output" || demo_failed "the $mode phase was not $expected"
 }
 
 demo_failed() {
@@ -354,26 +542,38 @@ demo_failed() {
     fail "$1"
 }
 
-# The README's curl examples, against the api the demo left running. The demo sold every ticket, so reset first.
-check_api_with_curl() {
-    echo "compose test: curl against the running api at $api_url:"
-    expect_answer GET /health 200 '. == {"status": "ok"}'
-    expect_answer POST /reset 401 '.error == "unauthorized"'
-    expect_answer POST /reset 200 '.remaining == .total and .sold == 0' -H "Authorization: Bearer $DEMO_TOKEN"
-    expect_answer GET /tickets 200 \
-        'keys_unsorted == ["event", "total", "remaining", "sold", "mode", "race_window_ms", "worker_pid"]'
-    expect_answer POST /orders 201 '.buyer == "ana" and .quantity == 1 and (.order_id | length) > 0' \
-        -H 'Content-Type: application/json' -d '{"buyer": "ana"}'
-    expect_answer GET /tickets 200 '.sold == 1 and .remaining == .total - 1'
+# Every listening TCP and UDP socket of this machine (its own network namespace) as "protocol address:port".
+listening_sockets() {
+    ss --no-header --listening --numeric --tcp --udp | awk '{ print $1, $5 }' | sort -u
+}
+
+# Whatever the demo made listen on this machine listens on a loopback address: nobody else on the network can
+# reach the demo, its admin token or its database.
+expect_only_loopback_listeners() {
+    local new exposed
+    step="compare what listens on this machine with what listened before docker compose up"
+    new=$(listening_sockets | comm -13 "$run_dir/listening-before" -)
+    exposed=$(grep -vE ' (127\.[0-9.]+|\[::1\]|\[::ffff:127\.[0-9.]+\]):[0-9]+$' <<<"$new" || true)
+    echo "  listening on this machine since docker compose up: $(xargs <<<"$new")"
+    [[ -z $exposed ]] || fail "the demo listens on an address other than loopback: $(xargs <<<"$exposed")"
+}
+
+# 50 connections that send a purchase's headers and 1 byte of its body, held open while GET /health and a
+# purchase through the published port must answer within a second each (slow_clients.py).
+expect_slow_clients_cannot_stall() {
+    step="open 50 slow connections to $lb_url and time GET /health and a purchase"
+    bounded 60 python3 "$HERE/slow_clients.py" "$lb_url" --connections 50 --limit 1 --token "$DEMO_TOKEN" \
+        >"$run_dir/slow.txt" 2>&1 || { cat "$run_dir/slow.txt" >&2; fail "slow clients stalled the demo"; }
+    echo "  $(tail -n 1 "$run_dir/slow.txt")"
 }
 
 # expect_answer METHOD PATH STATUS JQ_TEST [CURL_ARGUMENTS...]: show the answer; fail unless status and body match.
 expect_answer() {
     local method=$1 path=$2 expected=$3 test=$4 answer status body
     shift 4
-    step="curl -X $method $api_url$path"
+    step="curl -X $method $lb_url$path"
     answer=$(curl --silent --show-error --max-time 10 --request "$method" --write-out '\n%{http_code}' "$@" \
-        "$api_url$path")
+        "$lb_url$path")
     status=${answer##*$'\n'}
     body=${answer%$'\n'*}
     body=${body%$'\n'} # the service ends its JSON with a newline
