@@ -22,7 +22,8 @@ from loadtest.report import print_report, print_verdicts, svg_sections, throughp
 from loadtest.runner import LoadOptions, RunResult, run, target
 from loadtest.throughput import ThroughputOptions, measure_modes
 from loadtest.timeline import render_svg
-from service.config import MAX_RACE_WINDOW_MS, MODES
+from service.config import MAX_RACE_WINDOW_MS
+from service.modes import MODES
 
 EXIT_CORRECT, EXIT_ANOMALY, EXIT_USAGE = 0, 1, 2
 
