@@ -67,7 +67,7 @@ def start_locked_load(service: EmbeddedService, tickets: int) -> tuple[ServiceCl
     client.reset(tickets)
     client.set_mode("locked")
     outcomes: list[Outcome] = []
-    buyers = threading.Thread(target=lambda: outcomes.extend(release_buyers(client, 120, 12, "faults")), daemon=True)
+    buyers = threading.Thread(target=lambda: outcomes.extend(release_buyers([client], 120, 12, "faults")), daemon=True)
     buyers.start()
     return client, buyers, outcomes
 
