@@ -57,6 +57,9 @@ class Check:
     duplicate_ids: list[str]
     count_out_of_bounds: str | None
     worker_pids: list[int]
+    sellers: list[tuple[str, int]]  # every (host, worker pid) that sold: the processes that took part
+    retries: int  # attempts beyond the first, over the recorded orders (optimistic, repeatable-read)
+    gave_up: int  # buyers told too_many_conflicts: every attempt met a concurrent write
     anomalies: list[str] = field(default_factory=list)
 
     @property
@@ -93,9 +96,10 @@ def check(tickets: int, outcomes: Sequence[Outcome], remaining: int, recorded: S
     lost_orders = sorted(set(told_ids) - set(recorded_ids))
     unexpected_orders = _unexplained(recorded, set(told_ids), {outcome.buyer for outcome in info})
 
-    pids = {outcome.order.get("worker_pid") for outcome in ok if outcome.order}
-    pids |= {order.get("worker_pid") for order in recorded}
-    worker_pids = sorted(pid for pid in pids if isinstance(pid, int))
+    sold = [outcome.order for outcome in ok if outcome.order] + list(recorded)
+    sellers = sorted({(str(order.get("host", "")), order["worker_pid"]) for order in sold if _has_pid(order)})
+    worker_pids = sorted({pid for _, pid in sellers})
+    retries = sum(max(0, int(order.get("attempts", 1)) - 1) for order in recorded)
 
     anomalies = []
     if oversold:
@@ -132,8 +136,15 @@ def check(tickets: int, outcomes: Sequence[Outcome], remaining: int, recorded: S
         duplicate_ids=duplicate_ids,
         count_out_of_bounds=out_of_bounds,
         worker_pids=worker_pids,
+        sellers=sellers,
+        retries=retries,
+        gave_up=sum(1 for outcome in outcomes if outcome.error == "too_many_conflicts"),
         anomalies=anomalies,
     )
+
+
+def _has_pid(order: dict[str, Any]) -> bool:
+    return isinstance(order.get("worker_pid"), int)
 
 
 def _unexplained(recorded: Sequence[dict[str, Any]], told_ids: set[str], info_buyers: set[str]) -> list[str]:

@@ -1,7 +1,8 @@
 """The ``ticketlock-loadtest`` command line: parse arguments, run, report, and exit with a meaningful status.
 
-Exit status: 0 when every locked phase is correct; 1 when a locked phase shows an anomaly (or, with
-``--require-oversell``, when an unlocked phase did not oversell); 2 for usage errors or an unreachable service.
+Exit status: 0 when every mode that protects the deployment (service/modes.py) was correct; 1 when one of them
+shows an anomaly (or, with ``--require-oversell``, when a mode that does not protect it did not oversell);
+2 for usage errors or an unreachable service.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from pathlib import Path
 from typing import TextIO
 
 from loadtest.client import ServiceError, ServiceUnreachable
-from loadtest.report import print_report, print_verdicts, svg_sections, throughput_table, to_json
-from loadtest.runner import LoadOptions, RunResult, run, target
+from loadtest.cluster import STORES
+from loadtest.report import as_expected, print_report, print_verdicts, svg_sections, throughput_table, to_json
+from loadtest.runner import LoadOptions, RunResult, modes_to_run, run, target
 from loadtest.throughput import ThroughputOptions, measure_modes
 from loadtest.timeline import render_svg
-from service.config import MAX_RACE_WINDOW_MS, MODES
+from service.config import MAX_RACE_WINDOW_MS
+from service.modes import MODES
 
 EXIT_CORRECT, EXIT_ANOMALY, EXIT_USAGE = 0, 1, 2
 
@@ -47,7 +50,7 @@ def cli(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
     progress = None if arguments.quiet or arguments.json else Progress(err)
     try:
         result = run(options, progress)
-    except (ServiceUnreachable, ServiceError, RuntimeError) as error:
+    except (ServiceUnreachable, ServiceError, RuntimeError, ValueError) as error:
         print(f"ticketlock-loadtest: {error}", file=err)
         return EXIT_USAGE
     status = exit_status(result, require_oversell=arguments.require_oversell)
@@ -75,24 +78,41 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser; ``--help`` documents every option."""
     parser = argparse.ArgumentParser(
         prog="ticketlock-loadtest",
-        description="Fire concurrent buyers at the booking API, unlocked then locked, and check every outcome. "
-        "Without --url it starts its own service (gunicorn, 4 workers, a temporary db.json) and stops it after.",
-        epilog="Exit status: 0 when every locked phase is correct; 1 when a locked phase shows an anomaly, or "
-        "with --require-oversell when an unlocked phase did not oversell; 2 for usage errors and an unreachable "
-        "service. With --url, each phase resets that service's store (POST /reset) and sets its mode.",
+        description="Fire concurrent buyers at the booking API, one phase per mode, and check every outcome. "
+        "Without --url it starts its own service (gunicorn, 4 workers, a temporary db.json) and stops it after; "
+        "with --hosts 3 --store postgres, three such hosts on one throwaway PostgreSQL.",
+        epilog="Exit status: 0 when every mode that protects the deployment was correct; 1 when one of them shows "
+        "an anomaly, or with --require-oversell when a mode that does not protect it did not oversell; 2 for "
+        "usage errors and an unreachable service. With --url, each phase resets that service's store "
+        "(POST /reset) and sets its mode.",
     )
     target = parser.add_argument_group("target")
     target.add_argument(
-        "--url", help="a running service, e.g. http://127.0.0.1:8000, whose store it resets (default: start one)"
+        "--url",
+        nargs="+",
+        default=[],
+        metavar="URL",
+        help="running services, e.g. http://127.0.0.1:8000, whose store it resets: several hosts of one store, or "
+        "a load balancer; buyers go to them round-robin (default: start embedded hosts)",
     )
     target.add_argument("--token", help="admin token for PUT /mode and POST /reset, if the service needs one")
-    target.add_argument("--workers", type=int, default=4, help="workers of the embedded service (default 4)")
+    target.add_argument("--hosts", type=int, default=1, help="embedded hosts, each its own gunicorn (default 1)")
+    target.add_argument(
+        "--store",
+        choices=STORES,
+        default="file",
+        help="store of the embedded hosts: db.json, or a throwaway PostgreSQL from the OS's binaries (default file)",
+    )
+    target.add_argument("--workers", type=int, default=4, help="workers of each embedded host (default 4)")
     load = parser.add_argument_group("load")
     load.add_argument("--buyers", type=int, default=100, help="buyers per phase (default 100)")
     load.add_argument("--tickets", type=int, default=10, help="tickets per phase (default 10)")
     load.add_argument("--concurrency", type=int, help="buyers in flight at once (default: all of them)")
     load.add_argument(
-        "--modes", default="unlocked,locked", help="phases to run, comma-separated (default unlocked,locked)"
+        "--modes",
+        default="",
+        help=f"phases to run, comma-separated, or 'all' (of {', '.join(MODES)}; "
+        "default: unlocked,locked on the file store, all on postgres)",
     )
     load.add_argument("--trials", type=int, default=1, help="repeat each phase and aggregate (default 1)")
     load.add_argument("--race-window-ms", type=int, help="set the service's race window (default: keep its own)")
@@ -105,7 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--no-timeline", action="store_true", help="leave the text timelines out")
     output.add_argument("-q", "--quiet", action="store_true", help="print only the verdict lines")
     output.add_argument("-v", "--verbose", action="store_true", help="also print errors and anomalies per phase")
-    parser.add_argument("--require-oversell", action="store_true", help="exit 1 if an unlocked phase did not oversell")
+    parser.add_argument(
+        "--require-oversell",
+        action="store_true",
+        help="exit 1 if a mode that does not protect the deployment (unlocked; locked across hosts; ...) did not "
+        "oversell",
+    )
     speed = parser.add_argument_group("throughput (instead of the buyers' phases)")
     speed.add_argument(
         "--throughput",
@@ -123,7 +148,9 @@ def throughput_cli(arguments: argparse.Namespace, options: LoadOptions, out: Tex
     """``--throughput``: each mode's requests/s and latency, measured like wrk, from several processes."""
     window = 0 if options.race_window_ms is None else options.race_window_ms
     try:
-        with target(options) as client:
+        with target(options) as clients:
+            client = clients[0]
+            _, modes = modes_to_run(client, options.modes)
             speed = ThroughputOptions(
                 client.base_url,
                 duration_s=arguments.throughput,
@@ -132,8 +159,8 @@ def throughput_cli(arguments: argparse.Namespace, options: LoadOptions, out: Tex
                 timeout_s=options.timeout_s,
             )
             if not arguments.quiet and not arguments.json:
-                print(f"measuring {', '.join(options.modes)} for {arguments.throughput:g} s each", file=err)
-            results = measure_modes(client, options.modes, speed, window)
+                print(f"measuring {', '.join(modes)} for {arguments.throughput:g} s each", file=err)
+            results = measure_modes(client, modes, speed, window)
     except (ServiceUnreachable, ServiceError, RuntimeError, ValueError) as error:
         print(f"ticketlock-loadtest: {error}", file=err)
         return EXIT_USAGE
@@ -149,9 +176,9 @@ def throughput_cli(arguments: argparse.Namespace, options: LoadOptions, out: Tex
 def options_from(arguments: argparse.Namespace) -> LoadOptions:
     """Check the arguments and turn them into LoadOptions (ValueError with a clear message)."""
     modes = tuple(mode.strip() for mode in arguments.modes.split(",") if mode.strip())
-    if not modes or any(mode not in MODES for mode in modes):
-        raise ValueError(f"--modes takes a comma-separated list of {', '.join(sorted(MODES))}")
-    for name in ("buyers", "trials", "workers"):
+    if modes != ("all",) and any(mode not in MODES for mode in modes):
+        raise ValueError(f"--modes takes 'all' or a comma-separated list of {', '.join(MODES)}")
+    for name in ("buyers", "trials", "workers", "hosts"):
         if getattr(arguments, name) < 1:
             raise ValueError(f"--{name} must be at least 1")
     if arguments.tickets < 0:
@@ -166,13 +193,19 @@ def options_from(arguments: argparse.Namespace) -> LoadOptions:
         raise ValueError("--throughput must be a positive number of seconds")
     if arguments.processes < 1 or arguments.connections < arguments.processes:
         raise ValueError("--processes must be at least 1 and --connections at least --processes")
-    if arguments.url is not None and not arguments.url.startswith(("http://", "https://")):
+    if any(not url.startswith(("http://", "https://")) for url in arguments.url):
         raise ValueError("--url must start with http:// or https://")
+    if arguments.url and (arguments.hosts != 1 or arguments.store != "file"):
+        raise ValueError("--hosts and --store describe embedded hosts: leave them out with --url")
+    if arguments.hosts > 1 and arguments.store != "postgres":
+        raise ValueError("--hosts above 1 needs --store postgres: hosts share one database, never one db.json")
     if arguments.svg is not None and not arguments.svg.resolve().parent.is_dir():
         raise ValueError(f"--svg: the folder of {arguments.svg} does not exist")
     return LoadOptions(
-        url=arguments.url,
+        urls=tuple(arguments.url),
         token=arguments.token,
+        hosts=arguments.hosts,
+        store=arguments.store,
         workers=arguments.workers,
         buyers=arguments.buyers,
         tickets=arguments.tickets,
@@ -185,19 +218,25 @@ def options_from(arguments: argparse.Namespace) -> LoadOptions:
 
 
 def exit_status(result: RunResult, *, require_oversell: bool = False) -> int:
-    """0 if every locked phase is correct (and, if required, every unlocked phase oversold), else 1."""
+    """0 if every protecting mode is correct (and, if required, every other mode oversold), else 1."""
     return EXIT_ANOMALY if failure_reasons(result, require_oversell=require_oversell) else EXIT_CORRECT
 
 
 def failure_reasons(result: RunResult, *, require_oversell: bool = False) -> list[str]:
     """Why the run fails, one sentence per failing phase; empty when it passes."""
+    deployment = result.deployment
+    where = f"{deployment.processes} worker processes on {deployment.hosts} host(s)"
     reasons = []
     for phase in result.phases:
-        if phase.mode == "locked" and not phase.check.correct:
-            reasons.append(f"locked trial {phase.trial} is not correct: {'; '.join(phase.check.anomalies)}")
-        if phase.mode == "unlocked" and require_oversell and not phase.check.oversold:
+        if as_expected(phase, deployment):
+            continue
+        if deployment.expects_correct(phase.mode):
             reasons.append(
-                f"--require-oversell: unlocked trial {phase.trial} did not oversell "
+                f"{phase.mode} trial {phase.trial} is not correct with {where}: {'; '.join(phase.check.anomalies)}"
+            )
+        elif require_oversell:
+            reasons.append(
+                f"--require-oversell: {phase.mode} trial {phase.trial} did not oversell with {where} "
                 "(one worker hides the race: use more --workers, or a longer --race-window-ms)"
             )
     return reasons

@@ -83,6 +83,10 @@ class ServiceClient:
         """``GET /tickets``."""
         return self.expect(self.request("GET", "/tickets"), 200, "reading the inventory")
 
+    def modes(self) -> dict[str, Any]:
+        """``GET /modes``: the store, the mode in force, and every mode with whether this store runs it."""
+        return self.expect(self.request("GET", "/modes"), 200, "listing the modes")
+
     def reset(self, tickets: int) -> dict[str, Any]:
         """``POST /reset``: ``tickets`` tickets, no orders."""
         return self.expect(self.request("POST", "/reset", {"tickets": tickets}, admin=True), 200, "reset")
@@ -125,7 +129,7 @@ def send(
 
 
 # Server errors after which the service promises nothing was sold: the checker holds it to that promise.
-NOTHING_SOLD = {"lock_timeout", "store_damaged", "store_write_failed"}
+NOTHING_SOLD = {"lock_timeout", "too_many_conflicts", "store_damaged", "store_write_failed", "store_unavailable"}
 
 
 def buy(connection: http.client.HTTPConnection, path: str, buyer: str, quantity: int = 1) -> Outcome:

@@ -1,5 +1,8 @@
 """A real booking service for one run: gunicorn with several workers, a temporary db.json, a free loopback port.
 
+Several of them, each on a loopback address of its own with its own folder (and so its own lock file), and all
+on one PostgreSQL, are the hosts of ``Cluster``: separate machines, on one machine.
+
 The listening socket is opened here and handed to gunicorn (``--bind fd://N``), so the port is known before
 gunicorn starts and no other program can take it in between. gunicorn runs in its own process group; stopping
 sends SIGTERM to the group, waits, then SIGKILLs whatever is left, and checks by PID that nothing remains.
@@ -36,8 +39,10 @@ class EmbeddedService:
         admin_token: str | None = None,
         directory: Path | None = None,
         environment: dict[str, str] | None = None,
+        address: str = "127.0.0.1",
     ) -> None:
         self.workers = workers
+        self.address = address
         self.race_window_ms = race_window_ms
         self.admin_token = admin_token
         self.extra_environment = environment or {}
@@ -61,10 +66,10 @@ class EmbeddedService:
         """Start gunicorn and wait until ``GET /health`` answers."""
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", 0))
+        listener.bind((self.address, 0))
         listener.listen(1024)
         listener.set_inheritable(True)
-        self.url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        self.url = f"http://{self.address}:{listener.getsockname()[1]}"
         with listener, open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 gunicorn_command("--bind", f"fd://{listener.fileno()}"),
@@ -125,15 +130,15 @@ class EmbeddedService:
         if self.process is None:
             return
         group = self.process.pid
-        _signal_group(group, signal.SIGTERM)
+        signal_group(group, signal.SIGTERM)
         try:
             self.process.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            _signal_group(group, signal.SIGKILL)
+            signal_group(group, signal.SIGKILL)
             self.process.wait(timeout=STOP_TIMEOUT_S)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while processes_in_group(group) and time.monotonic() < deadline:
-            _signal_group(group, signal.SIGKILL)
+            signal_group(group, signal.SIGKILL)
             time.sleep(0.05)
         survivors = processes_in_group(group)
         self.process = None
@@ -191,6 +196,6 @@ def _live_processes() -> Iterator[_Process]:
             yield _Process(int(entry.name), int(parent), int(group))
 
 
-def _signal_group(group: int, signal_number: signal.Signals) -> None:
+def signal_group(group: int, signal_number: signal.Signals) -> None:
     with suppress(ProcessLookupError):
         os.killpg(group, signal_number)

@@ -6,9 +6,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any, TextIO
 
-from loadtest.runner import PhaseResult, RunResult
+from loadtest.runner import Deployment, PhaseResult, RunResult
 from loadtest.throughput import ThroughputResult
 from loadtest.timeline import bars_from_orders, overlapping_pairs, render_text, shared_reads
+from service.modes import MODES
+
+CELL_WIDTH = 16  # "repeatable-read" and a space
+TABLE_WIDTH = 120  # a side-by-side table wider than this is printed in blocks of modes
 
 
 def modes_in(result: RunResult) -> list[str]:
@@ -16,19 +20,23 @@ def modes_in(result: RunResult) -> list[str]:
     return list(dict.fromkeys(phase.mode for phase in result.phases))
 
 
-def verdict(mode: str, phases: Sequence[PhaseResult]) -> str:
-    """One line a learner can read: what the buyers were told and whether the store agrees."""
+def verdict(mode: str, phases: Sequence[PhaseResult], deployment: Deployment) -> str:
+    """One line a learner can read: what the buyers were told, whether the store agrees, and whether that is what
+    the mode promises where it ran (with the mode's lesson, the one-line why)."""
     first = phases[0].check
     head = f"{mode.upper()}: {_count(first.buyers, 'buyer')}, {_count(first.tickets, 'ticket')}"
     if len(phases) > 1:
         oversold = [phase.check.oversold for phase in phases]
         wrong = sum(1 for phase in phases if not phase.check.correct)
+        head += f", {len(phases)} trials"
         if not wrong:
-            return f"{head}, {len(phases)} trials -> correct in all {len(phases)}: never oversold."
-        return (
-            f"{head}, {len(phases)} trials -> anomalies in {wrong} of {len(phases)}; "
-            f"oversold in {sum(1 for count in oversold if count)} (by {_span(oversold)})."
-        )
+            outcome = f"correct in all {len(phases)}: never oversold"
+        else:
+            outcome = (
+                f"anomalies in {wrong} of {len(phases)}; "
+                f"oversold in {sum(1 for count in oversold if count)} (by {_span(oversold)})"
+            )
+        return f"{head} -> {outcome}, {_expectation(mode, phases, deployment)}"
     told = f"{_count(first.ok, 'buyer')} {'was' if first.ok == 1 else 'were'} told they got a ticket"
     sold_out = phases[0].errors.get("sold_out", 0)
     told += f", {sold_out} {'was' if sold_out == 1 else 'were'} told sold out"
@@ -36,10 +44,26 @@ def verdict(mode: str, phases: Sequence[PhaseResult]) -> str:
     if refused:
         told += ", " + ", ".join(f"{count} got {error}" for error, count in refused.items())
     if first.correct:
-        return f"{head} -> {told}: correct, nothing oversold."
-    if first.oversold:
-        return f"{head} -> {told}: oversold by {first.oversold} (workers read the same count and each wrote count - 1)."
-    return f"{head} -> {told}: " + "; ".join(first.anomalies) + "."
+        outcome = "correct, nothing oversold"
+    elif first.oversold:
+        outcome = f"oversold by {first.oversold}"
+    else:
+        outcome = "; ".join(first.anomalies)
+    return f"{head} -> {told}: {outcome}, {_expectation(mode, phases, deployment)}"
+
+
+def as_expected(phase: PhaseResult, deployment: Deployment) -> bool:
+    """A mode that protects this deployment must be correct; one that does not is expected to oversell."""
+    return phase.check.correct if deployment.expects_correct(phase.mode) else phase.check.oversold > 0
+
+
+def _expectation(mode: str, phases: Sequence[PhaseResult], deployment: Deployment) -> str:
+    lesson = MODES[mode].lesson
+    if all(as_expected(phase, deployment) for phase in phases):
+        return f"as expected ({lesson})."
+    if deployment.expects_correct(mode):
+        return f"NOT as expected: this mode must keep every buyer apart here ({lesson})."
+    return f"not as expected: nothing in this mode prevents an oversell, it just did not happen ({lesson})."
 
 
 ROWS: list[tuple[str, Callable[[PhaseResult], Any]]] = [
@@ -56,7 +80,10 @@ ROWS: list[tuple[str, Callable[[PhaseResult], Any]]] = [
     ("lost orders", lambda phase: len(phase.check.lost_orders)),
     ("unexpected orders", lambda phase: len(phase.check.unexpected_orders)),
     ("duplicate ids", lambda phase: len(phase.check.duplicate_ids)),
-    ("workers (distinct pids)", lambda phase: len(phase.check.worker_pids)),
+    ("conflicts retried", lambda phase: phase.check.retries),
+    ("gave up (503)", lambda phase: phase.check.gave_up),
+    ("hosts (distinct)", lambda phase: len({host for host, _ in phase.check.sellers})),
+    ("workers (distinct pids)", lambda phase: len(phase.check.sellers)),
     ("throughput (req/s)", lambda phase: round(phase.throughput_rps)),
     ("latency p50 (ms)", lambda phase: round(phase.latency_ms.p50)),
     ("latency p90 (ms)", lambda phase: round(phase.latency_ms.p90)),
@@ -67,14 +94,22 @@ ROWS: list[tuple[str, Callable[[PhaseResult], Any]]] = [
 
 
 def table(result: RunResult) -> str:
-    """Every figure, one column per mode; with several trials a cell shows the range ``min-max``."""
+    """Every figure, one column per mode, in blocks that fit a terminal; several trials show ``min-max``."""
     modes = modes_in(result)
+    per_block = max(1, (TABLE_WIDTH - max(len(label) for label, _ in ROWS)) // CELL_WIDTH)
+    blocks = [modes[start : start + per_block] for start in range(0, len(modes), per_block)]
+    return "\n\n".join(_table_block(result, block) for block in blocks)
+
+
+def _table_block(result: RunResult, modes: list[str]) -> str:
     label_width = max(len(label) for label, _ in ROWS)
-    header = " " * label_width + "".join(f"{mode:>12}" for mode in modes)
+    header = " " * label_width + "".join(f"{mode:>{CELL_WIDTH}}" for mode in modes)
     lines = [header]
     for label, figure in ROWS:
         cells = [_span([figure(phase) for phase in result.phases_for(mode)]) for mode in modes]
-        lines.append(f"{label:<{label_width}}" + "".join(f"{cell:>12}" for cell in cells))
+        lines.append(f"{label:<{label_width}}" + "".join(f"{cell:>{CELL_WIDTH}}" for cell in cells))
+    expected = ["correct" if result.deployment.expects_correct(mode) else "OVERSOLD" for mode in modes]
+    lines.append(f"{'expected':<{label_width}}" + "".join(f"{cell:>{CELL_WIDTH}}" for cell in expected))
     return "\n".join(lines)
 
 
@@ -96,7 +131,7 @@ def svg_sections(result: RunResult) -> list[tuple[str, Any]]:
         check = phase.check
         title = (
             f"{mode.upper()}: {check.buyers} buyers, {check.tickets} tickets -> {check.ok} told success, "
-            f"oversold by {check.oversold}, {len(check.worker_pids)} workers"
+            f"oversold by {check.oversold}, {len(check.sellers)} workers"
         )
         sections.append((title, bars_from_orders(phase.orders)))
     return sections
@@ -105,8 +140,14 @@ def svg_sections(result: RunResult) -> list[tuple[str, Any]]:
 def print_report(result: RunResult, out: TextIO, *, show_timeline: bool = True, verbose: bool = False) -> None:
     """The whole human-readable report."""
     options = result.options
-    where = "an embedded service" if result.embedded else "the service"
-    print(f"ticketlock load test against {where} at {result.url}", file=out)
+    deployment = result.deployment
+    where = f"{_count(len(result.urls), 'embedded host')}" if result.embedded else "the service"
+    print(f"ticketlock load test against {where} at {', '.join(result.urls)} ({result.store} store)", file=out)
+    print(
+        f"sold by {_count(deployment.processes, 'worker process', 'worker processes')} "
+        f"on {_count(deployment.hosts, 'host')}",
+        file=out,
+    )
     print(
         f"{options.buyers} buyers released at once for {options.tickets} tickets, per phase; "
         f"{options.trials} trial(s) per mode\n",
@@ -128,7 +169,7 @@ def print_report(result: RunResult, out: TextIO, *, show_timeline: bool = True, 
 def print_verdicts(result: RunResult, out: TextIO) -> None:
     """One verdict line per mode."""
     for mode in modes_in(result):
-        print(verdict(mode, result.phases_for(mode)), file=out)
+        print(verdict(mode, result.phases_for(mode), result.deployment), file=out)
 
 
 def to_json(result: RunResult, exit_status: int) -> dict[str, Any]:
@@ -148,13 +189,17 @@ def to_json(result: RunResult, exit_status: int) -> dict[str, Any]:
             "trials": len(result.phases_for(mode)),
             "correct_trials": sum(1 for phase in result.phases_for(mode) if phase.check.correct),
             "oversold_trials": sum(1 for phase in result.phases_for(mode) if phase.check.oversold),
-            "verdict": verdict(mode, result.phases_for(mode)),
+            "expected": "correct" if result.deployment.expects_correct(mode) else "oversold",
+            "as_expected": all(as_expected(phase, result.deployment) for phase in result.phases_for(mode)),
+            "verdict": verdict(mode, result.phases_for(mode), result.deployment),
         }
         for mode in modes_in(result)
     }
     return {
-        "url": result.url,
+        "urls": result.urls,
         "embedded": result.embedded,
+        "store": result.store,
+        "deployment": asdict(result.deployment),
         "service_pids": result.service_pids,
         "options": asdict(result.options),
         "phases": phases,
@@ -163,8 +208,8 @@ def to_json(result: RunResult, exit_status: int) -> dict[str, Any]:
     }
 
 
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+def _count(number: int, noun: str, plural: str = "") -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {plural or noun + 's'}"
 
 
 def _cell_verdict(phase: PhaseResult) -> str:

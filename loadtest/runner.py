@@ -1,7 +1,9 @@
 """Running the load test: for each phase reset the store, set the mode, release every buyer at once, check.
 
 ``run`` is the library entry point: it takes ``LoadOptions`` and returns a ``RunResult`` of plain data, with
-no printing except through the optional ``progress`` callback.
+no printing except through the optional ``progress`` callback. With several URLs (or several embedded hosts)
+the buyers are spread over them round-robin; the store is reset, switched and read back through one of them,
+since every host sells from the same store.
 """
 
 from __future__ import annotations
@@ -16,24 +18,29 @@ from typing import Any
 
 from loadtest.checker import INFO, Check, Outcome, check
 from loadtest.client import ServiceClient, buy
-from loadtest.embedded import STARTUP_TIMEOUT_S, EmbeddedService
+from loadtest.cluster import Cluster
+from loadtest.embedded import STARTUP_TIMEOUT_S
+from service.modes import MODES
 
 SETTLE_S = 1.0
+LESSON_MODES = ("unlocked", "locked")  # the default on the file store: the race and its cure
 
 ProgressCallback = Callable[[str, int, int], None]  # (phase label, answered so far, buyers)
 
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """What to run. With ``url`` None, an embedded service with ``workers`` workers is started and stopped."""
+    """What to run. Without ``urls``, ``hosts`` embedded hosts of ``workers`` workers are started and stopped."""
 
-    url: str | None = None
+    urls: Sequence[str] = ()
     token: str | None = None
+    hosts: int = 1
+    store: str = "file"  # of the embedded hosts: "file" (db.json) or "postgres" (a throwaway PostgreSQL)
     workers: int = 4
     buyers: int = 100
     tickets: int = 10
     concurrency: int | None = None  # buyers in flight at once; None: all of them
-    modes: Sequence[str] = ("unlocked", "locked")
+    modes: Sequence[str] = ()  # (): unlocked and locked on the file store, every mode on postgres; ("all",): all
     trials: int = 1
     race_window_ms: int | None = None  # None: keep the service's own
     timeout_s: float = 10.0
@@ -74,69 +81,111 @@ class PhaseResult:
 
 
 @dataclass(frozen=True)
+class Deployment:
+    """How the buyers were served: by how many hosts, and how many worker processes in all."""
+
+    hosts: int
+    processes: int
+
+    def expects_correct(self, mode: str) -> bool:
+        """Whether ``mode`` keeps every buyer of this deployment apart (service/modes.py, ``Mode.holds_for``)."""
+        return MODES[mode].holds_for(self.hosts, self.processes)
+
+
+@dataclass(frozen=True)
 class RunResult:
     """A whole run: where it ran, with what options, and every phase in order."""
 
-    url: str
+    urls: list[str]
     embedded: bool
+    store: str  # "file" or "postgres", as the service says
     options: LoadOptions
     phases: list[PhaseResult]
-    service_pids: list[int] = field(default_factory=list)  # embedded: the master and its workers, all stopped
+    service_pids: list[int] = field(default_factory=list)  # embedded: the masters and workers, all stopped
 
     def phases_for(self, mode: str) -> list[PhaseResult]:
         """The trials of one mode."""
         return [phase for phase in self.phases if phase.mode == mode]
 
+    @property
+    def deployment(self) -> Deployment:
+        """The hosts and worker processes that sold in any phase (at least the embedded hosts started)."""
+        sellers = {seller for phase in self.phases for seller in phase.check.sellers}
+        hosts = len({host for host, _ in sellers})
+        return Deployment(hosts=max(hosts, self.options.hosts if self.embedded else 1), processes=len(sellers))
+
 
 def run(options: LoadOptions, progress: ProgressCallback | None = None) -> RunResult:
-    """Run every phase of ``options`` and return the results; starts and stops the embedded service if needed."""
+    """Run every phase of ``options`` and return the results; starts and stops embedded hosts if needed."""
     service_pids: list[int] = []
-    with target(options, service_pids) as client:
+    with target(options, service_pids) as clients:
+        store, modes = modes_to_run(clients[0], options.modes)
         phases = [
-            run_phase(client, options, mode, trial, progress)
-            for mode in options.modes
+            run_phase(clients, options, mode, trial, progress)
+            for mode in modes
             for trial in range(1, options.trials + 1)
         ]
-    return RunResult(client.base_url, options.url is None, options, phases, service_pids)
+    urls = [client.base_url for client in clients]
+    return RunResult(urls, not options.urls, store, options, phases, service_pids)
 
 
 @contextmanager
-def target(options: LoadOptions, service_pids: list[int] | None = None) -> Iterator[ServiceClient]:
-    """A client for ``options.url``, or for an embedded service started now and stopped when the block ends.
+def target(options: LoadOptions, service_pids: list[int] | None = None) -> Iterator[list[ServiceClient]]:
+    """Clients for ``options.urls``, or for embedded hosts started now and stopped when the block ends.
 
-    The embedded service's PIDs (master and workers) are appended to ``service_pids`` as it stops.
+    The embedded hosts' PIDs (masters and workers) are appended to ``service_pids`` as they stop.
     """
-    if options.url is not None:
-        client = ServiceClient(options.url, token=options.token, timeout_s=options.timeout_s)
-        client.health()
-        yield client
+    if options.urls:
+        clients = [ServiceClient(url, token=options.token, timeout_s=options.timeout_s) for url in options.urls]
+        for client in clients:
+            client.health()
+        yield clients
         return
-    with EmbeddedService(workers=options.workers) as service:
-        client = ServiceClient(service.url, timeout_s=options.timeout_s)
+    with Cluster(hosts=options.hosts, workers=options.workers, store=options.store) as cluster:
         try:
-            yield client
+            yield [ServiceClient(url, timeout_s=options.timeout_s) for url in cluster.urls]
         finally:
             if service_pids is not None:
-                service_pids += [service.master_pid or 0, *service.worker_pids()]
+                service_pids += cluster.service_pids()
+
+
+def modes_to_run(client: ServiceClient, asked: Sequence[str]) -> tuple[str, list[str]]:
+    """The service's store, and the modes to run: ``asked``, every mode it offers for "all", or its default."""
+    offered = client.modes()
+    store = str(offered["store"])
+    available = [str(mode["name"]) for mode in offered["modes"] if mode["available"]]
+    if not asked:
+        return store, list(LESSON_MODES) if store == "file" else available
+    if list(asked) == ["all"]:
+        return store, available
+    missing = [mode for mode in asked if mode not in available]
+    if missing:
+        raise ValueError(f"the service's {store} store cannot run {', '.join(missing)}; it runs {', '.join(available)}")
+    return store, list(asked)
 
 
 def run_phase(
-    client: ServiceClient, options: LoadOptions, mode: str, trial: int, progress: ProgressCallback | None = None
+    clients: Sequence[ServiceClient],
+    options: LoadOptions,
+    mode: str,
+    trial: int,
+    progress: ProgressCallback | None = None,
 ) -> PhaseResult:
     """Reset to ``options.tickets``, switch to ``mode``, release all buyers together, then read back and check."""
-    client.reset(options.tickets)
-    settings = client.set_mode(mode, options.race_window_ms)
+    admin = clients[0]
+    admin.reset(options.tickets)
+    settings = admin.set_mode(mode, options.race_window_ms)
     label = mode if options.trials == 1 else f"{mode} #{trial}"
     if progress:
         progress(label, 0, options.buyers)
     started = time.monotonic()
-    outcomes = release_buyers(client, options.buyers, options.concurrency or options.buyers, label, progress)
+    outcomes = release_buyers(clients, options.buyers, options.concurrency or options.buyers, label, progress)
     duration_s = time.monotonic() - started
     if any(outcome.kind == INFO for outcome in outcomes):
         # A buyer who gave up may still be queued at the server: let it finish before reading back.
         time.sleep(SETTLE_S + settings["race_window_ms"] / 1000)
-    remaining = client.tickets()["remaining"]
-    orders = client.all_orders()
+    remaining = admin.tickets()["remaining"]
+    orders = clients[-1].all_orders()  # any host: they all read the same store
     return PhaseResult(
         mode=mode,
         trial=trial,
@@ -152,9 +201,16 @@ def run_phase(
 
 
 def release_buyers(
-    client: ServiceClient, buyers: int, concurrency: int, label: str, progress: ProgressCallback | None = None
+    clients: Sequence[ServiceClient],
+    buyers: int,
+    concurrency: int,
+    label: str,
+    progress: ProgressCallback | None = None,
 ) -> list[Outcome]:
-    """Send ``buyers`` purchases from ``concurrency`` threads, all starting together behind a barrier."""
+    """Send ``buyers`` purchases from ``concurrency`` threads, all starting together behind a barrier.
+
+    Thread N buys from ``clients[N % len(clients)]``: the buyers are spread over the hosts round-robin.
+    """
     concurrency = max(1, min(concurrency, buyers))
     outcomes: list[Outcome | None] = [None] * buyers
     next_buyer = iter(range(buyers))
@@ -175,7 +231,7 @@ def release_buyers(
         if progress:
             progress(label, done, buyers)
 
-    def buyer_thread() -> None:
+    def buyer_thread(client: ServiceClient) -> None:
         connection = client.connection()
         # A failed connect is not fatal here: buy() reconnects and records the failure as an outcome.
         with suppress(OSError):
@@ -187,7 +243,10 @@ def release_buyers(
             report(index, buy(connection, client.prefix + "/orders", f"buyer-{index + 1}"))
             connection = client.connection()
 
-    threads = [threading.Thread(target=buyer_thread, name=f"buyer-{n}") for n in range(concurrency)]
+    threads = [
+        threading.Thread(target=buyer_thread, args=(clients[n % len(clients)],), name=f"buyer-{n}")
+        for n in range(concurrency)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -1,8 +1,9 @@
 """The picture of the race: one lane per worker, one bar per sale, from reading the count to writing it back.
 
-Drawn from what the server recorded in each order (``timing`` and ``worker_pid``), as plain text for the
-terminal and as a self-contained SVG file. Unlocked, bars of different workers overlap and several read the
-same count (each then wrote count - 1: one ticket, sold several times); locked, they follow one another.
+Drawn from what the server recorded in each order (``timing``, ``host`` and ``worker_pid``), as plain text for
+the terminal and as a self-contained SVG file; with several hosts, each lane is one worker of one host.
+Unlocked, bars of different workers overlap and several read the same count (each then wrote count - 1: one
+ticket, sold several times); locked, they follow one another.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ TEXT_WIDTH = 64
 class Bar:
     """One sale's critical section, in epoch seconds."""
 
+    host: str
     worker_pid: int
     buyer: str
     started_at: float
@@ -36,6 +38,7 @@ def bars_from_orders(orders: Iterable[dict[str, Any]]) -> list[Bar]:
         try:
             result.append(
                 Bar(
+                    host=str(order.get("host", "")),
                     worker_pid=int(order["worker_pid"]),
                     buyer=str(order.get("buyer", "")),
                     started_at=float(timing["started_at"]),
@@ -56,7 +59,7 @@ def overlapping_pairs(bars: Sequence[Bar]) -> list[tuple[Bar, Bar]]:
         for second in bars[index + 1 :]:
             if second.read_at > first.wrote_at:
                 break  # sorted by read_at: no later bar can overlap ``first``
-            if second.worker_pid != first.worker_pid:
+            if (second.host, second.worker_pid) != (first.host, first.worker_pid):
                 pairs.append((first, second))
     return pairs
 
@@ -69,11 +72,13 @@ def shared_reads(bars: Sequence[Bar]) -> dict[int, list[Bar]]:
     return {count: group for count, group in sorted(by_count.items(), reverse=True) if len(group) > 1}
 
 
-def lanes(bars: Sequence[Bar]) -> dict[int, list[Bar]]:
-    """Bars grouped by worker, workers in the order of their first read."""
-    grouped: dict[int, list[Bar]] = {}
+def lanes(bars: Sequence[Bar]) -> dict[str, list[Bar]]:
+    """Bars grouped by worker, workers in the order of their first read, each named by its pid (and host)."""
+    several_hosts = len({bar.host for bar in bars}) > 1
+    grouped: dict[str, list[Bar]] = {}
     for bar in bars:
-        grouped.setdefault(bar.worker_pid, []).append(bar)
+        name = f"{bar.host} pid {bar.worker_pid}" if several_hosts else f"pid {bar.worker_pid}"
+        grouped.setdefault(name, []).append(bar)
     return grouped
 
 
@@ -88,24 +93,28 @@ def render_text(title: str, bars: Sequence[Bar], width: int = TEXT_WIDTH) -> str
         return round((moment - start) / span * (width - 1))
 
     lines = [f"{title}: one row per worker, one bar per sale, [N===] read N and wrote N-1 ({span * 1000:.0f} ms)"]
-    for pid, lane in lanes(bars).items():
+    grouped = lanes(bars)
+    name_width = max(11, *(len(name) for name in grouped))
+    for name, lane in grouped.items():
         row = ""
         for bar in lane:
             label = str(bar.count_read)
             begin = max(column(bar.read_at), len(row))
             length = max(column(bar.wrote_at) - begin + 1, len(label) + 2)
             row = row.ljust(begin) + "[" + label.ljust(length - 2, "=") + "]"
-        lines.append(f"  pid {pid:>7} |{row}")
+        lines.append(f"  {name:>{name_width}} |{row}")
     shared = shared_reads(bars)
     if shared:
         marks = ""
         for count, group in sorted(shared.items(), key=lambda item: item[1][0].read_at):
             marks = marks.ljust(max(column(group[0].read_at), len(marks) + 1 if marks else 0)) + f"^{count}"
-        lines.append(f"  {'same read':>11} |{marks}")
+        lines.append(f"  {'same read':>{name_width}} |{marks}")
         lines.append(
             f"  ^N: {len(shared)} counts were read by several workers at once; each of them wrote N-1, "
             "so one ticket was sold several times."
         )
+    elif overlapping_pairs(bars):
+        lines.append("  Sales overlapped, yet each decremented a different count: the store checked every write.")
     else:
         lines.append("  No two sales overlapped: each one read the count the previous one wrote.")
     return "\n".join(lines)
@@ -116,7 +125,7 @@ _PALETTE = ("#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#
 
 def render_svg(sections: Sequence[tuple[str, Sequence[Bar]]]) -> str:
     """A self-contained SVG with one timeline per (title, bars) section, stacked top to bottom."""
-    width, left, right, lane_height = 960, 120, 20, 26
+    width, left, right, lane_height = 960, 150, 20, 26
     plot = width - left - right
     parts: list[str] = []
     y = 10
@@ -136,8 +145,8 @@ def render_svg(sections: Sequence[tuple[str, Sequence[Bar]]]) -> str:
         shared = shared_reads(bars)
         colour = {count: _PALETTE[index % len(_PALETTE)] for index, count in enumerate(shared)}
         top = y
-        for pid, lane in lanes(bars).items():
-            parts.append(f'<text x="10" y="{y + 17}" font-size="12">worker {pid}</text>')
+        for name, lane in lanes(bars).items():
+            parts.append(f'<text x="10" y="{y + 17}" font-size="12">{escape(name)}</text>')
             parts.append(f'<line x1="{left}" x2="{left + plot}" y1="{y + 13}" y2="{y + 13}" stroke="#eee"/>')
             for bar in lane:
                 fill = colour.get(bar.count_read, "#4878a8")
@@ -175,6 +184,8 @@ def render_svg(sections: Sequence[tuple[str, Sequence[Bar]]]) -> str:
             f"{len(shared)} counts were read by several workers at once (same colour, dashed line): "
             "each wrote count - 1, so one ticket went to several buyers."
             if shared
+            else "Sales overlapped, yet each decremented a different count: the store checked every write."
+            if overlapping_pairs(bars)
             else "Bars never overlap: every sale read the count the previous sale wrote."
         )
         parts.append(f'<text x="{left}" y="{y + 30}" font-size="12">{escape(legend)}</text>')

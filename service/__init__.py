@@ -10,7 +10,7 @@ from flask import Flask
 from service.config import Config, load_config
 from service.errors import register_error_handlers
 from service.routes import Booking, bp
-from service.store import Inventory, PurchaseSettings, Store
+from service.stores import open_store
 from service.validation import MAX_BODY_BYTES
 
 __all__ = ["create_app", "prepare_for_start"]
@@ -19,12 +19,13 @@ __all__ = ["create_app", "prepare_for_start"]
 def create_app(config: Mapping[str, object] | None = None) -> Flask:
     """Build the app: defaults, then TICKETLOCK_* environment variables, then ``config`` (tests pass theirs).
 
-    The app only uses the store; ``prepare_for_start`` creates its files, once, before any worker starts.
+    The app only uses the store, which reaches its files or its database on first use, in the worker;
+    ``prepare_for_start`` readies it once, before any worker starts, when gunicorn runs the project's settings.
     """
     settings = load_config(config)
-    store = Store(settings.db_path)
+    store = open_store(settings)
 
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder="page", static_url_path="/page")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False  # OPTIONS would answer an empty text/html page, not JSON
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep fields in the documented order
@@ -39,15 +40,12 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
 def prepare_for_start(config: Mapping[str, object] | None = None) -> Config:
     """Run once in the gunicorn master before any worker starts (its ``on_starting`` hook).
 
-    Deletes temporary files a killed writer left, creates a missing db.json from the defaults, and applies
-    the configured mode and race window, so that the environment decides how a freshly started server sells.
+    The store creates what is missing (db.json and its settings, or the database's tables) and cleans up what
+    a killed writer left; the file store also applies the configured mode and race window at every start.
+    Raises StoreUnavailable, naming the database with its password masked, when it cannot be reached.
     """
     settings = load_config(config)
-    store = Store(settings.db_path)
-    for leftover in store.remove_leftovers():
-        logging.getLogger(__name__).warning("removed %s, left by a writer that was killed", leftover)
-    store.create_missing(Inventory.full(settings.event, settings.tickets), PurchaseSettings.configured(settings))
-    store.write_settings(PurchaseSettings.configured(settings))
+    open_store(settings).prepare()
     return settings
 
 

@@ -8,11 +8,16 @@ The tree::
     ├── OrderNotFound (LookupError)       404 order_not_found
     ├── SoldOut                           409 sold_out
     ├── IdempotencyKeyReused              422 idempotency_key_reused
-    ├── LockTimeout (TimeoutError)        503 lock_timeout, with Retry-After
-    └── StoreError (OSError)              500: db.json or a file beside it is damaged or unwritable
+    ├── LockTimeout (TimeoutError)        503 lock_timeout, with Retry-After: nothing sold
+    ├── TooManyConflicts                  503 too_many_conflicts, with Retry-After: nothing sold
+    └── StoreError (OSError)              500: the store is damaged, unwritable or unreachable
         ├── StoreDamaged                  500 store_damaged: nothing sold, the file left as it is
         ├── StoreWriteFailed              500 store_write_failed: nothing sold, the previous files intact
-        └── OrderNotDurable               500 order_not_durable: recorded, but the fsync failed
+        ├── OrderNotDurable               500 order_not_durable: recorded, but the fsync failed
+        ├── StoreUnavailable              503 store_unavailable, with Retry-After: the database is out of reach,
+        │                                     nothing sold
+        └── OutcomeUnknown                503 outcome_unknown, with Retry-After: the connection broke during the
+                                              commit; GET /orders/<id> tells whether the order stands
 
 Werkzeug's own HTTP errors (unknown route, wrong method, body too large, ...) get the same JSON shape, and so
 do the requests gunicorn refuses before Flask sees them (a malformed request line, a URL over 4 KB, ...).
@@ -90,8 +95,16 @@ class LockTimeout(BookingError, TimeoutError):
     headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
 
 
+class TooManyConflicts(BookingError):
+    """An optimistic or repeatable-read purchase lost every attempt to concurrent writers; nothing was sold."""
+
+    status = 503
+    code = "too_many_conflicts"
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
+
+
 class StoreError(BookingError, OSError):
-    """db.json or a file beside it cannot be used."""
+    """The store cannot be used: a file is damaged or unwritable, or the database cannot be reached."""
 
     code = "store_error"
 
@@ -112,6 +125,22 @@ class OrderNotDurable(StoreError):
     """The order was recorded, but flushing it to disk failed: it may not survive a crash."""
 
     code = "order_not_durable"
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached (down, restarting, or every connection busy); nothing was sold."""
+
+    status = 503
+    code = "store_unavailable"
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
+
+
+class OutcomeUnknown(StoreError):
+    """The connection broke while the order was being committed: it may or may not stand."""
+
+    status = 503
+    code = "outcome_unknown"
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
 
 
 def error_body(code: str, message: str) -> dict[str, str]:

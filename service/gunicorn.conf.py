@@ -8,7 +8,7 @@ from gunicorn.workers.base import Worker
 
 from service import prepare_for_start
 from service.config import MAX_RACE_WINDOW_MS, ConfigError, load_config
-from service.errors import write_protocol_error
+from service.errors import StoreError, write_protocol_error
 
 
 def _whole_number(variable: str, default: int) -> int:
@@ -58,7 +58,12 @@ accesslog = os.environ.get("TICKETLOCK_ACCESS_LOG") or None
 
 # --- Hooks ---------------------------------------------------------------------------------------------------
 def on_starting(server: Arbiter) -> None:
-    server.log.info("master %s: store ready at %s", os.getpid(), prepare_for_start().db_path)
+    try:
+        config = prepare_for_start()
+    except (ConfigError, StoreError) as error:  # one clear line, not a traceback: a bad setting, an absent database
+        raise SystemExit(f"ticketlock: {error}") from None
+    where = config.masked_database_url or config.db_path
+    server.log.info("master %s: host %s, store ready at %s", os.getpid(), config.host_name, where)
 
 
 def post_fork(server: Arbiter, worker: Worker) -> None:

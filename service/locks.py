@@ -1,4 +1,6 @@
-"""The inter-process lock: a ``filelock`` lock whose waiters sleep in the kernel until the holder lets go.
+"""The locks the modes hold: the host's file lock (inter-process), and the worker process's own thread lock.
+
+The file lock is a ``filelock`` lock whose waiters sleep in the kernel until the holder lets go.
 
 ``filelock.FileLock`` on Linux tries a non-blocking ``flock(2)`` and, when the lock is busy, sleeps
 ``poll_interval`` (50 ms) before trying again. Under contention the next buyer therefore starts up to 50 ms
@@ -16,6 +18,9 @@ with an exclusive one): see ``service/purchase.py`` for why the unlocked mode ta
 
 Like every ``flock``, the lock is advisory, covers processes that open the same file through the same kernel,
 and is released by the kernel when its holder dies, even by SIGKILL.
+
+The thread lock is the lock a single-process tutorial would use, ``threading.Lock``: every worker process has
+its own, so it keeps apart the threads of one process and never two processes (the ``thread-lock`` mode).
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from types import FrameType
 
 from filelock import BaseFileLock, Timeout
 
 from service.errors import LockTimeout
+from service.modes import Guard
 
 THREAD_POLL_INTERVAL_S = 0.002
 
@@ -139,3 +145,26 @@ def _lock_for(lock_path: Path, timeout_s: float, shared: bool, pid: int) -> Queu
     # One lock object per worker process: keyed by pid, so a worker never uses one inherited from the gunicorn
     # master (filelock refuses those), and made on first use, inside the worker, never at import.
     return QueuedFileLock(lock_path, timeout=timeout_s, shared=shared)
+
+
+def thread_guard(guard: Guard, timeout_s: float, consequence: str) -> AbstractContextManager[None]:
+    """The worker process's own thread lock for the ``thread-lock`` mode's guard; nothing for any other guard."""
+    if guard is not Guard.THREAD_LOCK:
+        return nullcontext()
+    return _holding_thread_lock(_thread_lock_for(os.getpid()), timeout_s, consequence)
+
+
+@contextmanager
+def _holding_thread_lock(lock: threading.Lock, timeout_s: float, consequence: str) -> Iterator[None]:
+    if not lock.acquire(timeout=timeout_s):
+        raise LockTimeout(f"the worker's thread lock stayed taken for {timeout_s:g} s; {consequence}. Retry shortly.")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@functools.cache
+def _thread_lock_for(pid: int) -> threading.Lock:
+    # Keyed by pid, like the file lock: a lock copied from the master at fork is never the one used.
+    return threading.Lock()

@@ -1,10 +1,11 @@
-"""The HTTP API: each route checks its input, calls the store or a purchase strategy, and returns JSON."""
+"""The HTTP API: each route checks its input, calls the store or ``purchase``, and returns JSON (and the page)."""
 
 from __future__ import annotations
 
 import hmac
+import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any
 
@@ -12,12 +13,19 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from service import validation
 from service.config import Config
-from service.errors import OrderNotFound, StoreDamaged, Unauthorized
-from service.locks import holding
-from service.purchase import reset_store, strategy_for
-from service.store import Inventory, PurchaseSettings, Store
+from service.errors import OrderNotFound, Unauthorized
+from service.modes import TABLE
+from service.purchase import purchase
+from service.stores import Inventory, PurchaseSettings, Store
 
 bp = Blueprint("booking", __name__)
+
+# The page runs only its own script and stylesheet and talks only to this service: a buyer's name that looks
+# like HTML can never run as script (the page also writes every value as text).
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 @dataclass(frozen=True)
@@ -33,15 +41,31 @@ def _booking() -> Booking:
     return booking
 
 
+@bp.get("/")
+def page() -> Response:
+    """GET / -> 200 the live page (HTML; its script and stylesheet are under /page/)."""
+    return current_app.send_static_file("index.html")
+
+
+@bp.after_app_request
+def security_headers(response: Response) -> Response:
+    """Every answer: the page's Content-Security-Policy, and no guessing of content types."""
+    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
 @bp.get("/health")
 def health() -> Response:
-    """GET /health -> 200 {"status": "ok"}."""
+    """GET /health -> 200 {"status": "ok"}; 503 store_unavailable while the database cannot be reached."""
+    _booking().store.check()
     return jsonify(status="ok")
 
 
 @bp.get("/tickets")
 def tickets() -> Response:
-    """GET /tickets -> 200 {"event", "total", "remaining", "sold", "mode", "race_window_ms", "worker_pid"}."""
+    """GET /tickets -> 200 {"event", "total", "remaining", "sold", "mode", "race_window_ms", "worker_pid", "host",
+    "store"}."""
     store = _booking().store
     return jsonify(_tickets_view(store.read_inventory(), store.read_settings()))
 
@@ -51,31 +75,33 @@ def create_order() -> tuple[Response, int, dict[str, str]]:
     """POST /orders {"buyer", "quantity"?} -> 201 the order; 200 a replay of the same Idempotency-Key.
 
     Errors: 400 bad body, 409 sold_out, 422 Idempotency-Key reused with another body, 500 store trouble,
-    503 lock_timeout.
+    503 lock_timeout, too_many_conflicts, store_unavailable or outcome_unknown.
     """
     booking = _booking()
     purchase_request = validation.order_request(
         validation.json_object(request, required=True), request.headers.get("Idempotency-Key")
     )
-    settings = booking.store.read_settings()
-    strategy = strategy_for(settings.mode, booking.store, booking.config.lock_timeout_s)
-    purchase = strategy.purchase(purchase_request, settings.race_window_ms)
-    headers = {"Location": f"/orders/{purchase.order['order_id']}"}
-    if purchase.replayed:
-        return jsonify(purchase.order), 200, {**headers, "Idempotent-Replayed": "true"}
-    return jsonify(purchase.order), 201, headers
+    done = purchase(booking.store, purchase_request, booking.config)
+    headers = {"Location": f"/orders/{done.order['order_id']}"}
+    if done.replayed:
+        return jsonify(done.order), 200, {**headers, "Idempotent-Replayed": "true"}
+    return jsonify(done.order), 201, headers
 
 
 @bp.get("/orders")
 def list_orders() -> Response:
-    """GET /orders?limit=100&offset=0 -> 200 {"count", "limit", "offset", "orders"}. 400 bad paging."""
+    """GET /orders?limit=100&offset=0 -> 200 {"count", "limit", "offset", "orders"}, oldest first.
+
+    GET /orders?after=<cursor>&limit=100 -> 200 {"cursor", "reset", "orders"}: the orders recorded after the
+    cursor of an earlier answer ("" for the first), for a live view. 400 invalid_paging or invalid_cursor.
+    """
+    store = _booking().store
+    if "after" in request.args:
+        cursor, limit = validation.feed(request.args)
+        return jsonify(asdict(store.feed(cursor, limit)))
     limit, offset = validation.page(request.args)
-    count = 0
-    page: list[dict[str, Any]] = []
-    for count, order in enumerate(_booking().store.orders(), start=1):
-        if offset < count <= offset + limit:
-            page.append(order)
-    return jsonify(count=count, limit=limit, offset=offset, orders=page)
+    count, orders = store.orders_page(limit, offset)
+    return jsonify(count=count, limit=limit, offset=offset, orders=orders)
 
 
 @bp.get("/orders/<order_id>")
@@ -93,17 +119,25 @@ def get_mode() -> Response:
     return jsonify(asdict(_booking().store.read_settings()))
 
 
+@bp.get("/modes")
+def list_modes() -> Response:
+    """GET /modes -> 200 {"mode", "store", "modes": [{"name", "protects", "guard", ..., "available"}]}."""
+    store = _booking().store
+    available = store.modes()
+    modes = [{**mode.describe(), "available": mode in available} for mode in TABLE]
+    return jsonify(mode=store.read_settings().mode, store=store.kind, modes=modes)
+
+
 @bp.put("/mode")
 def put_mode() -> Response:
-    """PUT /mode {"mode"?, "race_window_ms"?} -> 200 {"mode", "race_window_ms"}. 400 unknown mode; 401."""
+    """PUT /mode {"mode"?, "race_window_ms"?} -> 200 {"mode", "race_window_ms"}.
+
+    400 unknown_mode, or mode_not_available for a mode this store cannot run (both list the modes it can); 401.
+    """
     booking = _booking()
     _require_admin(booking.config)
-    change = validation.settings_change(validation.json_object(request, required=True))
-    store = booking.store
-    # Settings live in their own file and are never written by a purchase, so no racing buyer can undo this.
-    with holding(store.settings_lock_path, booking.config.lock_timeout_s, "the mode was not changed"):
-        settings = replace(_current_or_configured_settings(store, booking.config), **change)
-        store.write_settings(settings)
+    change = validation.settings_change(validation.json_object(request, required=True), booking.store.modes())
+    settings = booking.store.change_settings(change)
     current_app.logger.info("purchase settings now %s", settings)
     return jsonify(asdict(settings))
 
@@ -114,23 +148,21 @@ def reset() -> Response:
     booking = _booking()
     _require_admin(booking.config)
     tickets, event = validation.reset_request(validation.json_object(request, required=False))
-    store = booking.store
-    settings = store.read_settings()  # before anything changes: a damaged settings file stops the reset here
-    current = _current_or_configured(store, booking.config)
-    fresh = Inventory.full(event or current.event, current.total if tickets is None else tickets)
-    reset_store(store, fresh, booking.config.lock_timeout_s)
+    fresh = booking.store.reset(tickets, event)
     current_app.logger.info("store reset: %s", fresh)
-    return jsonify(_tickets_view(fresh, settings))
+    return jsonify(_tickets_view(fresh, booking.store.read_settings()))
 
 
 @bp.get("/openapi.json")
 def openapi() -> Response:
-    """GET /openapi.json -> 200 the OpenAPI 3 description of this API."""
-    document = resources.files("service").joinpath("openapi.json").read_bytes()
-    return Response(document, mimetype="application/json")
+    """GET /openapi.json -> 200 the OpenAPI 3 description of this API, its modes taken from the modes table."""
+    document = json.loads(resources.files("service").joinpath("openapi.json").read_bytes())
+    document["components"]["schemas"]["Mode"]["enum"] = [mode.name for mode in TABLE]
+    return jsonify(document)
 
 
 def _tickets_view(inventory: Inventory, settings: PurchaseSettings) -> dict[str, Any]:
+    booking = _booking()
     return {
         "event": inventory.event,
         "total": inventory.total,
@@ -139,23 +171,9 @@ def _tickets_view(inventory: Inventory, settings: PurchaseSettings) -> dict[str,
         "mode": settings.mode,
         "race_window_ms": settings.race_window_ms,
         "worker_pid": os.getpid(),
+        "host": booking.config.host_name,
+        "store": booking.store.kind,
     }
-
-
-def _current_or_configured(store: Store, config: Config) -> Inventory:
-    """The inventory to restore: the current one, or the configured defaults if db.json is unusable."""
-    try:
-        return store.read_inventory()
-    except StoreDamaged:
-        return Inventory.full(config.event, config.tickets)
-
-
-def _current_or_configured_settings(store: Store, config: Config) -> PurchaseSettings:
-    """The settings a change applies to: the current ones, or the configured ones if the file is unusable."""
-    try:
-        return store.read_settings()
-    except StoreDamaged:
-        return PurchaseSettings.configured(config)
 
 
 def _require_admin(config: Config) -> None:

@@ -11,8 +11,9 @@ from flask import Request
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import UnsupportedMediaType
 
-from service.config import MAX_RACE_WINDOW_MS, MAX_TICKETS, MODES
+from service.config import MAX_RACE_WINDOW_MS, MAX_TICKETS
 from service.errors import InvalidRequest
+from service.modes import MODES, Mode
 from service.purchase import PurchaseRequest
 
 MAX_BODY_BYTES = 16 * 1024
@@ -22,6 +23,7 @@ MAX_PAGE_SIZE = 1000
 MAX_OFFSET = 10**12
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 _DIGITS = re.compile(r"[0-9]{1,13}")
+_CURSOR = re.compile(r"[0-9a-f]{0,64}\.[0-9]{1,18}")
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
 
 
@@ -53,16 +55,23 @@ def order_request(data: dict[str, Any], idempotency_key: str | None) -> Purchase
     )
 
 
-def settings_change(data: dict[str, Any]) -> dict[str, Any]:
-    """``PUT /mode``: ``{"mode": "locked" | "unlocked", "race_window_ms": 0..5000}``, at least one of them."""
+def settings_change(data: dict[str, Any], available: list[Mode]) -> dict[str, Any]:
+    """``PUT /mode``: ``{"mode": one of ``available``, "race_window_ms": 0..5000}``, at least one of them."""
     _only(data, "mode", "race_window_ms")
+    names = ", ".join(f'"{mode.name}"' for mode in available)
     if not data:
-        raise InvalidRequest('Send {"mode": "locked"} or {"mode": "unlocked"} (and/or "race_window_ms").')
+        raise InvalidRequest(f'Send {{"mode": ...}} with one of {names}, and/or "race_window_ms".')
     change: dict[str, Any] = {}
     if "mode" in data:
-        if data["mode"] not in MODES:
-            raise InvalidRequest(f'Unknown mode {data["mode"]!r}: use "locked" or "unlocked".', code="unknown_mode")
-        change["mode"] = data["mode"]
+        mode = data["mode"]
+        if not isinstance(mode, str) or mode not in MODES:
+            raise InvalidRequest(f"Unknown mode {str(mode)[:40]!r}: use one of {names}.", code="unknown_mode")
+        if MODES[mode] not in available:
+            raise InvalidRequest(
+                f"The {mode!r} mode needs a database (TICKETLOCK_DATABASE_URL); this store runs {names}.",
+                code="mode_not_available",
+            )
+        change["mode"] = mode
     if "race_window_ms" in data:
         change["race_window_ms"] = whole_number(data, "race_window_ms", low=0, high=MAX_RACE_WINDOW_MS)
     return change
@@ -74,6 +83,18 @@ def reset_request(data: dict[str, Any]) -> tuple[int | None, str | None]:
     tickets = whole_number(data, "tickets", low=0, high=MAX_TICKETS) if "tickets" in data else None
     event = text(data, "event") if "event" in data else None
     return tickets, event
+
+
+def feed(args: MultiDict[str, str]) -> tuple[str, int]:
+    """``?after=<cursor>&limit=1..1000`` for the incremental ``GET /orders``; an empty cursor starts at the first."""
+    if "offset" in args:
+        raise InvalidRequest("Use 'after' or 'offset', not both.", code="invalid_paging")
+    cursors = args.getlist("after")
+    if len(cursors) > 1 or (cursors[0] and not _CURSOR.fullmatch(cursors[0])):
+        raise InvalidRequest(
+            "'after' must be empty or a cursor from an earlier answer's 'cursor', given once.", code="invalid_cursor"
+        )
+    return cursors[0], _query_number(args, "limit", default=100, low=1, high=MAX_PAGE_SIZE)
 
 
 def page(args: MultiDict[str, str]) -> tuple[int, int]:

@@ -12,6 +12,7 @@ import requests
 from flask.testing import FlaskClient
 
 from loadtest.embedded import EmbeddedService
+from service.modes import TABLE
 from tests.conftest import Api, store_files
 
 
@@ -22,8 +23,11 @@ def test_health(client: FlaskClient) -> None:
 
 def test_tickets_shows_inventory_mode_and_worker(client: FlaskClient) -> None:
     body = client.get("/tickets").json
-    assert list(body) == ["event", "total", "remaining", "sold", "mode", "race_window_ms", "worker_pid"]
+    assert list(body) == [
+        "event", "total", "remaining", "sold", "mode", "race_window_ms", "worker_pid", "host", "store"
+    ]  # fmt: skip
     assert (body["total"], body["remaining"], body["sold"], body["mode"]) == (10, 10, 0, "locked")
+    assert (body["host"], body["store"]) == (socket.gethostname(), "file")
 
 
 def test_an_order_is_created_recorded_and_found(client: FlaskClient, tmp_path: Path) -> None:
@@ -31,7 +35,9 @@ def test_an_order_is_created_recorded_and_found(client: FlaskClient, tmp_path: P
 
     assert response.status_code == 201
     order = response.json
-    assert list(order) == ["order_id", "buyer", "quantity", "remaining", "mode", "worker_pid", "timing"]
+    assert list(order) == [
+        "order_id", "buyer", "quantity", "remaining", "mode", "attempts", "worker_pid", "host", "store", "timing"
+    ]  # fmt: skip
     assert (order["buyer"], order["quantity"], order["remaining"], order["mode"]) == ("路人1", 1, 9, "locked")
     timing = order["timing"]
     assert timing["started_at"] <= timing["read_at"] <= timing["wrote_at"]
@@ -94,6 +100,7 @@ def test_reset_restores_the_count_and_clears_every_order(client: FlaskClient) ->
 def test_openapi_document_is_served_and_covers_every_route(client: FlaskClient) -> None:
     served = client.get("/openapi.json").json
     kept = json.loads(resources.files("service").joinpath("openapi.json").read_text())
+    assert served["components"]["schemas"]["Mode"].pop("enum") == [mode.name for mode in TABLE]
     assert served == kept
     documented = {
         (path.replace("{order_id}", "<order_id>"), method.upper())

@@ -67,7 +67,7 @@ def start_locked_load(service: EmbeddedService, tickets: int) -> tuple[ServiceCl
     client.reset(tickets)
     client.set_mode("locked")
     outcomes: list[Outcome] = []
-    buyers = threading.Thread(target=lambda: outcomes.extend(release_buyers(client, 120, 12, "faults")), daemon=True)
+    buyers = threading.Thread(target=lambda: outcomes.extend(release_buyers([client], 120, 12, "faults")), daemon=True)
     buyers.start()
     return client, buyers, outcomes
 
@@ -215,7 +215,7 @@ def test_a_missing_db_json_is_created_from_the_configured_defaults(tmp_path: Pat
         tickets = requests.get(service.url + "/tickets", timeout=30).json()
 
     assert (tickets["event"], tickets["total"], tickets["remaining"]) == ("Matinee", 7, 7)
-    assert read_db(tmp_path / "db.json") == {"event": "Matinee", "total": 7, "remaining": 7}
+    assert read_db(tmp_path / "db.json") == {"event": "Matinee", "total": 7, "remaining": 7, "version": 0}
 
 
 @contextmanager
@@ -287,11 +287,13 @@ def test_a_journal_line_cut_just_before_its_newline_is_not_an_order(tmp_path: Pa
     script = f"""
 import json, resource
 from pathlib import Path
+from service.config import load_config
 from service.errors import StoreWriteFailed
-from service.store import Inventory, PurchaseSettings, Store
-store = Store(Path({str(tmp_path / "db.json")!r}))
-store.create_missing(Inventory.full("x", 5), PurchaseSettings("locked", 0))
-order = {{"order_id": "cut", "buyer": "b", "quantity": 1, "remaining": 4}}
+from service.stores.base import Inventory
+from service.stores.file import FileStore
+store = FileStore(load_config({{"db_path": Path({str(tmp_path / "db.json")!r}), "tickets": 5}}))
+store.prepare()
+order = {{"order_id": "cut", "buyer": "a buyer whose line is longer than db.json", "quantity": 1, "remaining": 4}}
 line = json.dumps(order, ensure_ascii=False, separators=(",", ":")).encode() + b"\\n"
 resource.setrlimit(resource.RLIMIT_FSIZE, (len(line) - 1, resource.RLIM_INFINITY))
 try:

@@ -148,7 +148,7 @@ def _result_with_locked_check(**check_arguments: Any) -> RunResult:
         outcomes=[],
         orders=[],
     )
-    return RunResult(url="http://x", embedded=False, options=LoadOptions(), phases=[phase], service_pids=[])
+    return RunResult(["http://x"], embedded=False, store="file", options=LoadOptions(), phases=[phase])
 
 
 def test_a_locked_anomaly_exits_1() -> None:

@@ -43,7 +43,7 @@ def test_locked_mode_sells_exactly_the_tickets_that_exist(
     assert sorted(order["order_id"] for order in orders) == sorted(
         response.json()["order_id"] for response in responses if response.status_code == 201
     )
-    assert read_db(service.db_path) == {"event": tickets["event"], "total": 10, "remaining": 0}
+    assert read_db(service.db_path).items() >= {"event": tickets["event"], "total": 10, "remaining": 0}.items()
 
 
 def test_several_worker_processes_serve_the_buyers(api: Api, service: EmbeddedService) -> None:

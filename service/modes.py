@@ -1,0 +1,179 @@
+"""The purchase modes: one table saying, for each mode, what guards the four steps and how they read and write.
+
+Every purchase runs the same read -> check -> work -> write (``service/purchase.py``). A mode changes only
+what surrounds those steps (its guard), how the read reads and how the write writes. A store runs a mode when
+it supports each of those choices (``Store.supports``); the routes, the load tester, the OpenAPI document and
+the README all read this table.
+
+What a mode *protects* decides whether it can be oversold: a lock of one worker process keeps apart only the
+threads of that process, the file lock only the processes of one host, and the database's mutexes every host
+that sells from it. ``Mode.holds_for`` turns that into the outcome a load test should expect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, IntEnum
+
+
+class Guard(Enum):
+    """What is held around the four steps."""
+
+    NONE = "nothing"
+    THREAD_LOCK = "a threading.Lock of the worker process"
+    FILE_LOCK = "the host's file lock (flock on <TICKETLOCK_DB>.lock)"
+    ADVISORY_LOCK = "a PostgreSQL advisory lock (pg_advisory_xact_lock)"
+
+
+class Read(Enum):
+    """How step 1 reads the count."""
+
+    PLAIN = "the count"
+    FOR_UPDATE = "the count, locking its row until commit (SELECT ... FOR UPDATE)"
+    MEMORY = "the worker process's own copy of the count, loaded from the store after each reset"
+
+
+class Write(Enum):
+    """How step 4 writes the count."""
+
+    BLIND = "the count read minus the quantity"
+    IF_VERSION = "the count read minus the quantity, only if the version read is unchanged"
+    CONDITIONAL = "remaining - quantity where remaining >= quantity, in one statement"
+    MEMORY = "the worker's own copy only; the store records the order but its count never moves"
+
+
+class Isolation(Enum):
+    """The transaction isolation a database store runs the four steps in (the file store has none)."""
+
+    READ_COMMITTED = "read committed"
+    REPEATABLE_READ = "repeatable read"
+
+
+class Reach(IntEnum):
+    """Which purchases a mode keeps apart from one another, from none to all of them."""
+
+    NOTHING = 0
+    ONE_PROCESS = 1  # the threads of one worker process
+    ONE_HOST = 2  # the worker processes of one host
+    EVERY_HOST = 3  # every host selling from the same store
+
+    @property
+    def label(self) -> str:
+        """The words the API and the reports use."""
+        return self.name.lower().replace("_", " ")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One row of the table: a mode's guard, read, write and isolation, what it protects, and its lesson."""
+
+    name: str
+    guard: Guard
+    read: Read
+    write: Write
+    protects: Reach
+    lesson: str  # one line: why it oversells, or why it holds
+    isolation: Isolation = Isolation.READ_COMMITTED
+
+    @property
+    def retries(self) -> bool:
+        """Whether a conflicting write makes the purchase start again (optimistic writes, repeatable read)."""
+        return self.write is Write.IF_VERSION or self.isolation is Isolation.REPEATABLE_READ
+
+    def holds_for(self, hosts: int, processes: int) -> bool:
+        """Whether this mode keeps every buyer apart when ``processes`` worker processes on ``hosts`` hosts sell."""
+        needed = Reach.EVERY_HOST if hosts > 1 else Reach.ONE_HOST if processes > 1 else Reach.ONE_PROCESS
+        return self.protects >= needed
+
+    def describe(self) -> dict[str, str]:
+        """The mode as the API shows it."""
+        return {
+            "name": self.name,
+            "protects": self.protects.label,
+            "guard": self.guard.value,
+            "read": self.read.value,
+            "write": self.write.value,
+            "isolation": self.isolation.value,
+            "lesson": self.lesson,
+        }
+
+
+TABLE = (
+    Mode(
+        "unlocked",
+        Guard.NONE,
+        Read.PLAIN,
+        Write.BLIND,
+        Reach.NOTHING,
+        "nothing keeps buyers apart: several read the same count and each wrote count - 1",
+    ),
+    Mode(
+        "locked",
+        Guard.FILE_LOCK,
+        Read.PLAIN,
+        Write.BLIND,
+        Reach.ONE_HOST,
+        "every worker of a host takes the same file lock, but each host locks its own file",
+    ),
+    Mode(
+        "thread-lock",
+        Guard.THREAD_LOCK,
+        Read.PLAIN,
+        Write.BLIND,
+        Reach.ONE_PROCESS,
+        "each worker process has its own threading.Lock: it keeps apart threads, never two processes",
+    ),
+    Mode(
+        "memory",
+        Guard.NONE,
+        Read.MEMORY,
+        Write.MEMORY,
+        Reach.NOTHING,
+        "each worker sold from its own copy of the count, as a child process changes its own copy of a "
+        "global: every worker sold every ticket, and the store's count never moved",
+    ),
+    Mode(
+        "optimistic",
+        Guard.NONE,
+        Read.PLAIN,
+        Write.IF_VERSION,
+        Reach.EVERY_HOST,
+        "no lock while working: the write succeeds only if the version is unchanged, else the purchase starts again",
+    ),
+    Mode(
+        "row-lock",
+        Guard.NONE,
+        Read.FOR_UPDATE,
+        Write.BLIND,
+        Reach.EVERY_HOST,
+        "SELECT ... FOR UPDATE locks the inventory row until commit, and every host waits for it",
+    ),
+    Mode(
+        "advisory-lock",
+        Guard.ADVISORY_LOCK,
+        Read.PLAIN,
+        Write.BLIND,
+        Reach.EVERY_HOST,
+        "a named mutex held in the database until commit: every host takes the same one",
+    ),
+    Mode(
+        "atomic",
+        Guard.NONE,
+        Read.PLAIN,
+        Write.CONDITIONAL,
+        Reach.EVERY_HOST,
+        "one conditional UPDATE checks and decrements in a single statement: the count never goes below zero",
+    ),
+    Mode(
+        "repeatable-read",
+        Guard.NONE,
+        Read.PLAIN,
+        Write.BLIND,
+        Reach.EVERY_HOST,
+        "unlocked's very steps in a REPEATABLE READ transaction: the database refuses the lost update and the "
+        "purchase starts again",
+        Isolation.REPEATABLE_READ,
+    ),
+)
+
+MODES: dict[str, Mode] = {mode.name: mode for mode in TABLE}

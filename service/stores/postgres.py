@@ -1,0 +1,445 @@
+"""The PostgreSQL store: the inventory, orders, idempotency keys and settings in one database every host shares.
+
+Chosen by ``TICKETLOCK_DATABASE_URL``. Each worker process opens its own connection pool on first use, after
+gunicorn forked it (a pool made in the master would hand every worker the same sockets). Plain SQL, one
+short named statement per step, parameters always bound.
+
+A purchase is one transaction: BEGIN, the hold against mode switches, the mode's guard, read, work, write,
+record the order, COMMIT; the 201 goes out only after the commit. Its guards:
+
+- every purchase holds a *shared* advisory lock, and ``PUT /mode`` and ``POST /reset`` take it *exclusively*:
+  a switch waits for the purchases in flight, and a purchase that began before a switch finds out (the mode it
+  reads under the hold is not its own) and starts again in the new mode. No straggler of an unsafe mode can
+  write after a safe mode took over.
+- ``row-lock`` reads with ``FOR UPDATE``; ``advisory-lock`` takes an exclusive advisory lock; ``atomic``
+  decrements with one conditional UPDATE; ``optimistic`` writes only if the version is unchanged;
+  ``repeatable-read`` lets the database refuse the lost update; ``locked`` holds the host's file lock, which
+  excludes only the workers of this host.
+
+Every wait is bounded: ``lock_timeout`` and ``statement_timeout`` end a purchase that waited too long for a
+lock (503 lock_timeout, nothing sold) and ``idle_in_transaction_session_timeout`` ends the transaction of a
+worker that stopped in the middle of one, releasing its locks.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, ClassVar
+
+import psycopg
+from psycopg import errors
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from service.config import MAX_RACE_WINDOW_MS, Config
+from service.errors import (
+    IdempotencyKeyReused,
+    LockTimeout,
+    OutcomeUnknown,
+    SoldOut,
+    StoreDamaged,
+    StoreUnavailable,
+)
+from service.locks import holding, thread_guard
+from service.modes import Guard, Isolation, Mode, Read, Write
+from service.stores.base import (
+    Conflict,
+    Feature,
+    Feed,
+    IdempotentRequest,
+    Inventory,
+    Order,
+    PurchaseSettings,
+    Store,
+    Transaction,
+    settings_with,
+)
+
+log = logging.getLogger(__name__)
+
+NOTHING_SOLD = "nothing was sold"
+
+# Advisory locks are named by two integers: ticketlock's own class, then one number per mutex.
+LOCK_CLASS = 0x746B6C6B  # "tklk"
+SWITCH_LOCK = 1  # shared by every purchase; exclusive for a mode switch or a reset
+INVENTORY_LOCK = 2  # the advisory-lock mode's mutex
+SCHEMA_LOCK = 3  # creating the tables, when several hosts start at once
+
+# --- The tables ------------------------------------------------------------------------------------------------
+
+CREATE_TABLES = f"""
+SELECT pg_advisory_xact_lock({LOCK_CLASS}, {SCHEMA_LOCK});
+CREATE TABLE IF NOT EXISTS inventory (
+    id          integer PRIMARY KEY CHECK (id = 1),
+    event       text    NOT NULL,
+    total       bigint  NOT NULL CHECK (total >= 0),
+    remaining   bigint  NOT NULL CHECK (remaining BETWEEN 0 AND total),
+    version     bigint  NOT NULL DEFAULT 0,
+    generation  text    NOT NULL DEFAULT md5(random()::text)
+);
+CREATE TABLE IF NOT EXISTS orders (
+    seq         bigserial PRIMARY KEY,
+    order_id    text    NOT NULL UNIQUE,
+    buyer       text    NOT NULL,
+    quantity    integer NOT NULL,
+    remaining   bigint  NOT NULL,
+    mode        text    NOT NULL,
+    attempts    integer NOT NULL,
+    worker_pid  integer NOT NULL,
+    host        text    NOT NULL,
+    started_at  double precision NOT NULL,
+    read_at     double precision NOT NULL,
+    wrote_at    double precision NOT NULL
+);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key_digest  text PRIMARY KEY,
+    fingerprint text NOT NULL,
+    order_id    text NOT NULL REFERENCES orders (order_id)
+);
+CREATE TABLE IF NOT EXISTS settings (
+    id              integer PRIMARY KEY CHECK (id = 1),
+    mode            text    NOT NULL,
+    race_window_ms  integer NOT NULL
+)"""
+CREATE_INVENTORY = """
+INSERT INTO inventory (id, event, total, remaining) VALUES (1, %(event)s, %(total)s, %(total)s)
+ON CONFLICT (id) DO NOTHING"""
+CREATE_SETTINGS = """
+INSERT INTO settings (id, mode, race_window_ms) VALUES (1, %(mode)s, %(race_window_ms)s)
+ON CONFLICT (id) DO NOTHING"""
+
+# --- A purchase, step by step ----------------------------------------------------------------------------------
+
+BEGIN = {
+    Isolation.READ_COMMITTED: "BEGIN ISOLATION LEVEL READ COMMITTED",
+    Isolation.REPEATABLE_READ: "BEGIN ISOLATION LEVEL REPEATABLE READ",
+}
+HOLD_AGAINST_SWITCHES = f"SELECT pg_advisory_xact_lock_shared({LOCK_CLASS}, {SWITCH_LOCK})"
+MODE_IN_FORCE = "SELECT mode FROM settings WHERE id = 1"  # a statement of its own: a snapshot taken after the hold
+TAKE_ADVISORY_LOCK = f"SELECT pg_advisory_xact_lock({LOCK_CLASS}, {INVENTORY_LOCK})"
+
+READ = "SELECT event, total, remaining, version FROM inventory WHERE id = 1"
+READ_FOR_UPDATE = READ + " FOR UPDATE"
+
+WRITE_BLIND = "UPDATE inventory SET remaining = %(remaining)s, version = version + 1 WHERE id = 1"
+WRITE_IF_VERSION = WRITE_BLIND + " AND version = %(version)s"
+WRITE_IF_ENOUGH = """
+UPDATE inventory SET remaining = remaining - %(quantity)s, version = version + 1
+WHERE id = 1 AND remaining >= %(quantity)s
+RETURNING remaining"""
+# Every order is inserted while its transaction holds the inventory row's lock (each write above takes it, and
+# the memory mode, which writes no count, takes it here): orders therefore commit in the order of their seq,
+# and a live view that asks for "the orders after seq N" never skips one that commits late.
+LOCK_ROW_TO_RECORD = "SELECT 1 FROM inventory WHERE id = 1 FOR UPDATE"
+INSERT_ORDER = """
+INSERT INTO orders (order_id, buyer, quantity, remaining, mode, attempts, worker_pid, host,
+                    started_at, read_at, wrote_at)
+VALUES (%(order_id)s, %(buyer)s, %(quantity)s, %(remaining)s, %(mode)s, %(attempts)s, %(worker_pid)s, %(host)s,
+        %(started_at)s, %(read_at)s, %(wrote_at)s)"""
+INSERT_KEY = "INSERT INTO idempotency_keys (key_digest, fingerprint, order_id) VALUES (%s, %s, %s)"
+COMMIT = "COMMIT"
+ROLLBACK = "ROLLBACK"
+
+ORDER_COLUMNS = "order_id, buyer, quantity, remaining, mode, attempts, worker_pid, host, started_at, read_at, wrote_at"
+FIND_REPLAY = f"""
+SELECT k.fingerprint, {", ".join(f"o.{column}" for column in ORDER_COLUMNS.split(", "))}
+FROM idempotency_keys k JOIN orders o USING (order_id) WHERE k.key_digest = %s"""
+
+# --- Settings, resets and reading ------------------------------------------------------------------------------
+
+READ_SETTINGS = "SELECT mode, race_window_ms FROM settings WHERE id = 1"
+TAKE_SWITCH_LOCK = f"SELECT pg_advisory_xact_lock({LOCK_CLASS}, {SWITCH_LOCK})"
+WRITE_SETTINGS = "UPDATE settings SET mode = %(mode)s, race_window_ms = %(race_window_ms)s WHERE id = 1"
+CLEAR_ORDERS = "TRUNCATE idempotency_keys, orders"
+RESTORE_INVENTORY = """
+UPDATE inventory SET event = %(event)s, total = %(total)s, remaining = %(total)s, version = version + 1,
+                     generation = md5(random()::text)
+WHERE id = 1
+RETURNING event, total, remaining, version"""
+COUNT_ORDERS = "SELECT count(*) AS count FROM orders"
+PAGE_OF_ORDERS = f"SELECT {ORDER_COLUMNS} FROM orders ORDER BY seq LIMIT %s OFFSET %s"
+FIND_ORDER = f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = %s"
+# One statement, one snapshot: the generation and the orders can never come from two sides of a reset.
+FEED = f"""
+SELECT i.generation, o.seq, {", ".join(f"o.{column}" for column in ORDER_COLUMNS.split(", "))}
+FROM inventory i
+LEFT JOIN LATERAL (
+    SELECT * FROM orders
+    WHERE seq > CASE WHEN i.generation = %(generation)s THEN %(after)s ELSE 0 END
+    ORDER BY seq LIMIT %(limit)s
+) o ON true
+WHERE i.id = 1"""
+
+
+class PostgresStore(Store):
+    """The booking data in PostgreSQL, shared by every host; one connection pool per worker process."""
+
+    kind = "postgres"
+    features: ClassVar[frozenset[Feature]] = frozenset({*Guard, *Read, *Write, *Isolation})
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        assert config.database_url is not None
+        self.url = config.database_url
+        self.timeout_s = config.database_timeout_s
+        lock_ms = round(config.lock_timeout_s * 1000)
+        self.tables_ready = False  # per worker process: this object is made in each worker (or copied at fork)
+        self.connection_options = {
+            "autocommit": True,  # transactions are the explicit BEGIN ... COMMIT of each operation
+            "connect_timeout": max(2, math.ceil(config.database_timeout_s)),  # libpq's minimum is 2 s
+            "application_name": f"ticketlock {config.host_name}",
+            "options": (
+                f"-c lock_timeout={lock_ms} -c statement_timeout={lock_ms + 1000} "
+                f"-c idle_in_transaction_session_timeout={MAX_RACE_WINDOW_MS + 5000}"
+            ),
+        }
+
+    # --- Life cycle ---------------------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Create the tables, the inventory and the settings unless another host already did."""
+        try:
+            with psycopg.connect(self.url, **self.connection_options) as connection:  # type: ignore[arg-type]
+                self._create_tables(connection)
+        except psycopg.OperationalError as error:
+            raise self._unreachable(error) from None
+
+    def _create_tables(self, connection: psycopg.Connection[Any]) -> None:
+        with connection.transaction():
+            connection.execute(CREATE_TABLES)
+            connection.execute(CREATE_INVENTORY, {"event": self.config.event, "total": self.config.tickets})
+            connection.execute(CREATE_SETTINGS, vars(PurchaseSettings.configured(self.config)))
+
+    def check(self) -> None:
+        """A round trip to the database."""
+        with self._connection() as connection:
+            connection.execute("SELECT 1")
+
+    def _unreachable(self, error: BaseException) -> StoreUnavailable:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return StoreUnavailable(
+            f"The database at {self.config.masked_database_url} cannot be reached ({reason}); nothing was sold. "
+            "Retry shortly."
+        )
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A connection of this worker's pool; every database error becomes one of the service's own."""
+        try:
+            with _pool_for(self, os.getpid()).connection(timeout=self.timeout_s) as connection:
+                if not self.tables_ready:
+                    self._create_tables(connection)  # a worker started without prepare(): flask run, plain gunicorn
+                    self.tables_ready = True
+                yield connection
+        except PoolTimeout as error:
+            raise self._unreachable(error) from None
+        except (errors.LockNotAvailable, errors.QueryCanceled):
+            raise LockTimeout(
+                f"the database's lock stayed taken for {self.config.lock_timeout_s:g} s; {NOTHING_SOLD}. Retry shortly."
+            ) from None
+        except (errors.SerializationFailure, errors.DeadlockDetected, errors.UniqueViolation) as error:
+            raise Conflict(str(error).splitlines()[0]) from None
+        except psycopg.OperationalError as error:
+            raise self._unreachable(error) from None
+
+    def _open_pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
+        pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            self.url,
+            kwargs=self.connection_options,
+            min_size=1,
+            max_size=self.config.pool_size,
+            open=False,
+            timeout=self.timeout_s,
+            # A connection the database dropped (a restart, pg_terminate_backend) is found and replaced when it
+            # is taken, not on a buyer's first statement.
+            check=ConnectionPool.check_connection,
+            # Give up a reconnection after a few seconds: the next request asks again at once, so the pool
+            # recovers within seconds of the database's return instead of after a long backoff.
+            reconnect_timeout=max(4.0, 2 * self.timeout_s),
+            name=f"ticketlock-{os.getpid()}",
+        )
+        pool.open(wait=False)  # connects in the background: a database that is down now is not an error yet
+        atexit.register(pool.close, timeout=1.0)
+        return pool
+
+    # --- Settings -------------------------------------------------------------------------------------------------
+
+    def read_settings(self) -> PurchaseSettings:
+        with self._connection() as connection:
+            row = connection.execute(READ_SETTINGS).fetchone()
+        return self._settings(row)
+
+    def _settings(self, row: Any) -> PurchaseSettings:
+        mode, window = row if row else (None, None)
+        if mode not in {mode.name for mode in self.modes()} or not isinstance(window, int):
+            raise StoreDamaged(f"The settings row of {self.config.masked_database_url} is missing or unknown.")
+        return PurchaseSettings(mode=mode, race_window_ms=window)
+
+    def change_settings(self, change: Mapping[str, Any]) -> PurchaseSettings:
+        """Wait for every purchase in flight, on every host, then switch."""
+        with self._connection() as connection, connection.transaction():
+            connection.execute(TAKE_SWITCH_LOCK)
+            settings = settings_with(self._settings(connection.execute(READ_SETTINGS).fetchone()), change)
+            connection.execute(WRITE_SETTINGS, vars(settings))
+        return settings
+
+    # --- Inventory and orders -------------------------------------------------------------------------------------
+
+    def read_inventory(self) -> Inventory:
+        with self._connection() as connection:
+            return _inventory(connection.execute(READ).fetchone())
+
+    def reset(self, tickets: int | None, event: str | None) -> Inventory:
+        """With no purchase in flight on any host: no orders, no keys, the count restored, a new generation."""
+        with self._connection() as connection, connection.transaction():
+            connection.execute(TAKE_SWITCH_LOCK)
+            self._settings(connection.execute(READ_SETTINGS).fetchone())
+            current = _inventory(connection.execute(READ).fetchone())
+            connection.execute(CLEAR_ORDERS)
+            fresh = {"event": event or current.event, "total": current.total if tickets is None else tickets}
+            return _inventory(connection.execute(RESTORE_INVENTORY, fresh).fetchone())
+
+    def orders_page(self, limit: int, offset: int) -> tuple[int, list[Order]]:
+        with self._connection() as connection:
+            connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")  # one snapshot for both
+            count = connection.execute(COUNT_ORDERS).fetchone()
+            rows = connection.execute(PAGE_OF_ORDERS, (limit, offset)).fetchall()
+            connection.execute(COMMIT)
+        return (count[0] if count else 0), [_order(row) for row in rows]
+
+    def feed(self, cursor: str, limit: int) -> Feed:
+        generation, _, after = cursor.rpartition(".")
+        with self._connection() as connection:
+            rows = connection.execute(
+                FEED, {"generation": generation, "after": int(after or 0), "limit": limit}
+            ).fetchall()
+        current = rows[0][0] if rows else ""
+        reset = bool(cursor) and generation != current
+        orders = [row[2:] for row in rows if row[1] is not None]
+        last = rows[-1][1] if orders else (0 if reset or not cursor else int(after))
+        return Feed(cursor=f"{current}.{last}", reset=reset, orders=[_order(row) for row in orders])
+
+    def find_order(self, order_id: str) -> Order | None:
+        with self._connection() as connection:
+            row = connection.execute(FIND_ORDER, (order_id,)).fetchone()
+        return _order(row) if row else None
+
+    # --- Purchases --------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self, mode: Mode) -> Iterator[Transaction]:
+        """BEGIN, the hold against switches, the mode's guard; COMMIT when the purchase is done."""
+        with (
+            thread_guard(mode.guard, self.config.lock_timeout_s, NOTHING_SOLD),
+            self._host_lock(mode),
+            self._connection() as connection,
+        ):
+            purchase = PostgresTransaction(self, connection)
+            try:
+                connection.execute(BEGIN[mode.isolation])
+                connection.execute(HOLD_AGAINST_SWITCHES)
+                in_force = connection.execute(MODE_IN_FORCE).fetchone()
+                if not in_force or in_force[0] != mode.name:
+                    raise Conflict(f"the mode changed to {in_force[0] if in_force else None!r}")
+                if mode.guard is Guard.ADVISORY_LOCK:
+                    connection.execute(TAKE_ADVISORY_LOCK)
+                yield purchase
+            except BaseException:
+                if not connection.broken:
+                    connection.execute(ROLLBACK)
+                raise
+            try:
+                connection.execute(COMMIT)
+            except psycopg.OperationalError as error:
+                if not connection.broken:
+                    raise  # the database refused the commit: nothing was written
+                raise OutcomeUnknown(
+                    f"The connection broke while order {purchase.order_id} was being committed ({error}): it may "
+                    f"or may not stand. GET /orders/{purchase.order_id} tells."
+                ) from None
+
+    def _host_lock(self, mode: Mode) -> AbstractContextManager[None]:
+        if mode.guard is Guard.FILE_LOCK:
+            return holding(self.config.lock_path, self.config.lock_timeout_s, NOTHING_SOLD)
+        return nullcontext()
+
+
+class PostgresTransaction(Transaction):
+    """A purchase's statements, inside the transaction ``PostgresStore.transaction`` began."""
+
+    def __init__(self, store: PostgresStore, connection: psycopg.Connection[Any]) -> None:
+        super().__init__(store.url)
+        self.connection = connection
+        self.order_id: str | None = None
+
+    def find_replay(self, request: IdempotentRequest) -> Order | None:
+        with self.connection.cursor(row_factory=dict_row) as cursor:
+            row = cursor.execute(FIND_REPLAY, (request.digest,)).fetchone()
+        if row is None:
+            return None
+        if row.pop("fingerprint") != request.fingerprint:
+            raise IdempotencyKeyReused(
+                "This Idempotency-Key was already used with a different body; use a new key for a new order."
+            )
+        return _order(tuple(row.values()))
+
+    def read_stored(self, how: Read) -> Inventory:
+        return _inventory(self.connection.execute(READ_FOR_UPDATE if how is Read.FOR_UPDATE else READ).fetchone())
+
+    def write_stored(self, how: Write, before: Inventory, order: Order, request: IdempotentRequest | None) -> Order:
+        self.order_id = order["order_id"]
+        if how is Write.BLIND:
+            self.connection.execute(WRITE_BLIND, {"remaining": order["remaining"]})
+        elif how is Write.IF_VERSION:
+            written = self.connection.execute(
+                WRITE_IF_VERSION, {"remaining": order["remaining"], "version": before.version}
+            )
+            if written.rowcount == 0:
+                raise Conflict(f"the inventory changed since version {before.version} was read")
+        elif how is Write.CONDITIONAL:
+            row = self.connection.execute(WRITE_IF_ENOUGH, {"quantity": order["quantity"]}).fetchone()
+            if row is None:
+                raise SoldOut(f"Sold out: fewer than {order['quantity']} left when the order was written.")
+            order = {**order, "remaining": row[0]}
+        else:
+            self.connection.execute(LOCK_ROW_TO_RECORD)
+        self.connection.execute(INSERT_ORDER, {**order, **order["timing"]})
+        if request is not None:
+            self.connection.execute(INSERT_KEY, (request.digest, request.fingerprint, order["order_id"]))
+        return order
+
+
+@functools.cache
+def _pool_for(store: PostgresStore, pid: int) -> ConnectionPool[psycopg.Connection[Any]]:
+    # One pool per store and worker process, opened on first use: keyed by pid, so a pool that a --preload
+    # master opened is never the one a worker uses.
+    return store._open_pool()
+
+
+def _inventory(row: Any) -> Inventory:
+    if row is None:
+        raise StoreDamaged("The inventory row is missing: POST /reset creates it again.")
+    event, total, remaining, version = row
+    return Inventory(event=event, total=total, remaining=remaining, version=version)
+
+
+def _order(row: Any) -> Order:
+    order_id, buyer, quantity, remaining, mode, attempts, worker_pid, host, started_at, read_at, wrote_at = row
+    return {
+        "order_id": order_id,
+        "buyer": buyer,
+        "quantity": quantity,
+        "remaining": remaining,
+        "mode": mode,
+        "attempts": attempts,
+        "worker_pid": worker_pid,
+        "host": host,
+        "store": PostgresStore.kind,
+        "timing": {"started_at": started_at, "read_at": read_at, "wrote_at": wrote_at},
+    }
