@@ -193,7 +193,7 @@ class PostgresStore(Store):
         self.connection_options = {
             "autocommit": True,  # transactions are the explicit BEGIN ... COMMIT of each operation
             "connect_timeout": max(2, math.ceil(config.database_timeout_s)),  # libpq's minimum is 2 s
-            "application_name": f"ticketlock {config.host_name}",
+            "application_name": f"ticketlock {config.host_name} master",
             "options": (
                 f"-c lock_timeout={lock_ms} -c statement_timeout={lock_ms + 1000} "
                 f"-c idle_in_transaction_session_timeout={MAX_RACE_WINDOW_MS + 5000}"
@@ -208,7 +208,7 @@ class PostgresStore(Store):
             with psycopg.connect(self.url, **self.connection_options) as connection:  # type: ignore[arg-type]
                 self._create_tables(connection)
         except psycopg.OperationalError as error:
-            raise self._unreachable(error) from None
+            raise self._unreachable(error, "check TICKETLOCK_DATABASE_URL, and that the database is up") from None
 
     def _create_tables(self, connection: psycopg.Connection[Any]) -> None:
         with connection.transaction():
@@ -221,11 +221,12 @@ class PostgresStore(Store):
         with self._connection() as connection:
             connection.execute("SELECT 1")
 
-    def _unreachable(self, error: BaseException) -> StoreUnavailable:
+    def _unreachable(
+        self, error: BaseException, advice: str = "nothing was sold or changed; retry shortly"
+    ) -> StoreUnavailable:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return StoreUnavailable(
-            f"The database at {self.config.masked_database_url} cannot be reached ({reason}); nothing was sold. "
-            "Retry shortly."
+            f"The database at {self.config.masked_database_url} cannot be reached ({reason}): {advice}."
         )
 
     @contextmanager
@@ -249,9 +250,11 @@ class PostgresStore(Store):
             raise self._unreachable(error) from None
 
     def _open_pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
+        # Named after the worker, so that pg_stat_activity shows which host and which worker holds what.
+        application_name = f"ticketlock {self.config.host_name} pid {os.getpid()}"
         pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             self.url,
-            kwargs=self.connection_options,
+            kwargs={**self.connection_options, "application_name": application_name},
             min_size=1,
             max_size=self.config.pool_size,
             open=False,
