@@ -343,7 +343,7 @@ class PostgresStore(Store):
             self._host_lock(mode),
             self._connection() as connection,
         ):
-            purchase = PostgresTransaction(self, connection)
+            steps = PostgresTransaction(self, connection)
             try:
                 connection.execute(BEGIN[mode.isolation])
                 connection.execute(HOLD_AGAINST_SWITCHES)
@@ -352,7 +352,7 @@ class PostgresStore(Store):
                     raise Conflict(f"the mode changed to {in_force[0] if in_force else None!r}")
                 if mode.guard is Guard.ADVISORY_LOCK:
                     connection.execute(TAKE_ADVISORY_LOCK)
-                yield purchase
+                yield steps
             except BaseException:
                 if not connection.broken:
                     connection.execute(ROLLBACK)
@@ -363,8 +363,8 @@ class PostgresStore(Store):
                 if not connection.broken:
                     raise  # the database refused the commit: nothing was written
                 raise OutcomeUnknown(
-                    f"The connection broke while order {purchase.order_id} was being committed ({error}): it may "
-                    f"or may not stand. GET /orders/{purchase.order_id} tells."
+                    f"The connection broke while order {steps.order_id} was being committed ({error}): it may "
+                    f"or may not stand. GET /orders/{steps.order_id} tells."
                 ) from None
 
     def _host_lock(self, mode: Mode) -> AbstractContextManager[None]:
