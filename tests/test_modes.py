@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import subprocess
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -19,7 +20,8 @@ import requests
 from loadtest.embedded import EmbeddedService
 from loadtest.timeline import Bar, bars_from_orders, overlapping_pairs
 from service.modes import MODES, TABLE
-from tests.conftest import Api, buy_together, run_cli
+from service.stores.file import FileStore
+from tests.conftest import ROOT, Api, buy_together, run_cli
 
 TRIALS = 3
 FILE_MODES = ["unlocked", "locked", "thread-lock", "memory", "optimistic"]
@@ -154,3 +156,14 @@ def test_get_modes_lists_the_table_and_what_this_store_runs(api: Api) -> None:
     assert [mode["name"] for mode in listed["modes"] if mode["available"]] == FILE_MODES
     unsafe = {mode["name"] for mode in listed["modes"] if mode["protects"] in ("nothing", "one process")}
     assert unsafe == {"unlocked", "thread-lock", "memory"}
+
+
+def test_the_readme_lists_every_mode_as_the_table_declares_it() -> None:
+    section = (ROOT / "README.md").read_text().split("\n## The modes\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([a-z-]+)` \|.*\| ([a-z ]+) \| ([a-z, ]+) \|$", section, re.MULTILINE)
+
+    declared = [
+        (mode.name, mode.protects.label, "file, postgres" if FileStore.features >= mode.parts() else "postgres")
+        for mode in TABLE
+    ]
+    assert rows == declared

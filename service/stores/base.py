@@ -137,7 +137,7 @@ class Store(ABC):
 
     def supports(self, mode: Mode) -> bool:
         """Whether this store can run ``mode``: its guard, read, write and isolation are all features."""
-        return {mode.guard, mode.read, mode.write, mode.isolation} <= self.features
+        return mode.parts() <= self.features
 
     def modes(self) -> list[Mode]:
         """The modes this store can run, in the table's order."""
