@@ -28,6 +28,7 @@ import functools
 import logging
 import math
 import os
+import select
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, ClassVar
@@ -121,7 +122,10 @@ BEGIN = {
     Isolation.REPEATABLE_READ: "BEGIN ISOLATION LEVEL REPEATABLE READ",
 }
 HOLD_AGAINST_SWITCHES = f"SELECT pg_advisory_xact_lock_shared({LOCK_CLASS}, {SWITCH_LOCK})"
-MODE_IN_FORCE = "SELECT mode FROM settings WHERE id = 1"  # a statement of its own: a snapshot taken after the hold
+MODE_IN_FORCE = "SELECT mode FROM settings WHERE id = 1"
+# The three go in one round trip. Each statement of a query string takes its own snapshot (read committed), so
+# the mode is read after the hold was granted: a switch that committed while this purchase waited is seen.
+START = {isolation: f"{begin}; {HOLD_AGAINST_SWITCHES}; {MODE_IN_FORCE}" for isolation, begin in BEGIN.items()}
 TAKE_ADVISORY_LOCK = f"SELECT pg_advisory_xact_lock({LOCK_CLASS}, {INVENTORY_LOCK})"
 
 READ = "SELECT event, total, remaining, version FROM inventory WHERE id = 1"
@@ -259,9 +263,7 @@ class PostgresStore(Store):
             max_size=self.config.pool_size,
             open=False,
             timeout=self.timeout_s,
-            # A connection the database dropped (a restart, pg_terminate_backend) is found and replaced when it
-            # is taken, not on a buyer's first statement.
-            check=ConnectionPool.check_connection,
+            check=_closed_by_server,
             # Give up a reconnection after a few seconds: the next request asks again at once, so the pool
             # recovers within seconds of the database's return instead of after a long backoff.
             reconnect_timeout=max(4.0, 2 * self.timeout_s),
@@ -345,9 +347,7 @@ class PostgresStore(Store):
         ):
             steps = PostgresTransaction(self, connection)
             try:
-                connection.execute(BEGIN[mode.isolation])
-                connection.execute(HOLD_AGAINST_SWITCHES)
-                in_force = connection.execute(MODE_IN_FORCE).fetchone()
+                in_force = _last_row(connection, START[mode.isolation])
                 if not in_force or in_force[0] != mode.name:
                     raise Conflict(f"the mode changed to {in_force[0] if in_force else None!r}")
                 if mode.guard is Guard.ADVISORY_LOCK:
@@ -423,6 +423,28 @@ def _pool_for(store: PostgresStore, pid: int) -> ConnectionPool[psycopg.Connecti
     # One pool per store and worker process, opened on first use: keyed by pid, so a pool that a --preload
     # master opened is never the one a worker uses.
     return store._open_pool()
+
+
+def _closed_by_server(connection: psycopg.Connection[Any]) -> None:
+    """The pool's check of a connection it hands out, without a round trip to the database.
+
+    An idle connection has nothing to read, unless the server ended it (a restart, pg_terminate_backend) and its
+    goodbye waits on the socket: then the pool drops it and takes another, instead of failing a buyer's
+    first statement.
+    """
+    readable, _, _ = select.select([connection.fileno()], [], [], 0)
+    if readable:
+        connection.close()  # so that the pool replaces it rather than hand it out again
+        raise psycopg.OperationalError("the server closed this idle connection")
+
+
+def _last_row(connection: psycopg.Connection[Any], statements: str) -> Any:
+    """Run several statements in one round trip (no parameters allowed), and return the last one's first row."""
+    with connection.cursor() as cursor:
+        cursor.execute(statements)
+        for _ in cursor.results():
+            pass  # step to the last statement's result
+        return cursor.fetchone()
 
 
 def _inventory(row: Any) -> Inventory:
