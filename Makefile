@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 TESTING := $(VENV)/.installed-test
 
-.PHONY: demo setup test lint serve bench clean
+.PHONY: demo demo-hosts setup test lint serve bench clean
 
 $(RUNTIME): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ $(TESTING): $(RUNTIME)
 ## demo: start an embedded 4-worker service, oversell it unlocked, fix it locked, stop it
 demo: $(RUNTIME)
 	$(BIN)/ticketlock-loadtest
+
+## demo-hosts: three hosts of 4 workers on one throwaway PostgreSQL (needs its server: apt-get install postgresql)
+demo-hosts: $(RUNTIME)
+	$(BIN)/ticketlock-loadtest --hosts 3 --store postgres
 
 ## setup: .venv with the service, the load tester and the test tools
 setup: $(TESTING)

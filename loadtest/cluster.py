@@ -29,6 +29,7 @@ class Cluster:
         race_window_ms: int | None = None,
         admin_token: str | None = None,
         environment: dict[str, str] | None = None,
+        database_url: str | None = None,
     ) -> None:
         if store not in STORES:
             raise ValueError(f"store must be one of {', '.join(STORES)}, not {store!r}")
@@ -40,6 +41,7 @@ class Cluster:
         self.race_window_ms = race_window_ms
         self.admin_token = admin_token
         self.environment = environment or {}
+        self.database_url = database_url  # a running database's, instead of a throwaway one
         self.database: ThrowawayPostgres | None = None
         self.hosts: list[EmbeddedService] = []
         self._stack = ExitStack()
@@ -52,9 +54,11 @@ class Cluster:
     def __enter__(self) -> Cluster:
         with ExitStack() as starting:  # a failed start stops what already started
             environment = dict(self.environment)
-            if self.store == "postgres":
+            if self.store == "postgres" and self.database_url is None:
                 self.database = starting.enter_context(ThrowawayPostgres())
-                environment["TICKETLOCK_DATABASE_URL"] = self.database.url
+                self.database_url = self.database.url
+            if self.store == "postgres":
+                environment["TICKETLOCK_DATABASE_URL"] = str(self.database_url)
             for number in range(1, self.host_count + 1):
                 host = EmbeddedService(
                     workers=self.workers,
@@ -73,5 +77,6 @@ class Cluster:
         self._stack.close()
 
     def service_pids(self) -> list[int]:
-        """The master and worker PIDs of every host, right now."""
-        return [pid for host in self.hosts for pid in [host.master_pid or 0, *host.worker_pids()]]
+        """The master and worker PIDs of every host, and the database server's, right now."""
+        pids = [pid for host in self.hosts for pid in [host.master_pid or 0, *host.worker_pids()]]
+        return pids + ([self.database.pid] if self.database and self.database.pid else [])

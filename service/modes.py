@@ -80,6 +80,10 @@ class Mode:
         """Whether a conflicting write makes the purchase start again (optimistic writes, repeatable read)."""
         return self.write is Write.IF_VERSION or self.isolation is Isolation.REPEATABLE_READ
 
+    def parts(self) -> frozenset[Guard | Read | Write | Isolation]:
+        """The choices a store must support to run this mode."""
+        return frozenset({self.guard, self.read, self.write, self.isolation})
+
     def holds_for(self, hosts: int, processes: int) -> bool:
         """Whether this mode keeps every buyer apart when ``processes`` worker processes on ``hosts`` hosts sell."""
         needed = Reach.EVERY_HOST if hosts > 1 else Reach.ONE_HOST if processes > 1 else Reach.ONE_PROCESS

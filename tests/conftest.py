@@ -17,6 +17,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from loadtest.embedded import EmbeddedService
+from loadtest.postgres import PostgresNotFound, ThrowawayPostgres
 from service import create_app, prepare_for_start
 
 ADMIN_TOKEN = "test-admin-token"
@@ -42,6 +43,23 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServic
     """One real gunicorn with 4 workers for the whole session; tests reset it through the API."""
     with EmbeddedService(workers=4, directory=tmp_path_factory.mktemp("service")) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[ThrowawayPostgres]:
+    """One throwaway PostgreSQL server for the session, from the operating system's binaries.
+
+    Without them the tests that need it skip with one line saying why; with CI=true, which installs them,
+    that is a failure.
+    """
+    try:
+        database = ThrowawayPostgres()
+    except PostgresNotFound as error:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true: {error}")
+        pytest.skip(str(error))
+    with database:
+        yield database
 
 
 @pytest.fixture

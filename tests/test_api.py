@@ -227,3 +227,26 @@ def test_a_request_gunicorn_cannot_parse_gets_a_json_error_too(service: Embedded
     assert head.startswith(b"HTTP/1.1 400") and b"Content-Type: application/json" in head
     error = json.loads(body)
     assert error["error"] == "bad_request" and "Invalid HTTP Version" in error["message"]
+
+
+def test_the_feed_gives_only_what_is_new_and_says_when_the_store_was_reset(client: FlaskClient) -> None:
+    first = client.get("/orders?after=").json
+    assert (first["orders"], first["reset"]) == ([], False)
+    sold = [client.post("/orders", json={"buyer": name}).json for name in ("ana", "bo")]
+
+    new = client.get(f"/orders?after={first['cursor']}").json
+    assert (new["orders"], new["reset"]) == (sold, False)
+    assert client.get(f"/orders?after={new['cursor']}").json["orders"] == []
+
+    client.post("/reset", json={"tickets": 5})
+    after_reset = client.post("/orders", json={"buyer": "cy"}).json
+    again = client.get(f"/orders?after={new['cursor']}").json
+    assert (again["orders"], again["reset"]) == ([after_reset], True)
+
+
+@pytest.mark.parametrize("query", ["after=x", "after=1", "after=.5&after=.6", "after=.1&offset=0", "after=ab.-1"])
+def test_a_cursor_no_answer_gave_is_refused(client: FlaskClient, query: str) -> None:
+    response = client.get(f"/orders?{query}")
+
+    assert response.status_code == 400
+    assert response.json["error"] in ("invalid_cursor", "invalid_paging")

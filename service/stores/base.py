@@ -55,6 +55,11 @@ class PurchaseSettings:
         return cls(mode=config.mode, race_window_ms=config.race_window_ms)
 
 
+def settings_with(current: PurchaseSettings, change: Mapping[str, Any]) -> PurchaseSettings:
+    """``current`` with the fields of a ``PUT /mode`` body applied."""
+    return replace(current, **change)
+
+
 @dataclass(frozen=True)
 class IdempotentRequest:
     """A purchase that carried an Idempotency-Key: the key and a fingerprint of the body it came with."""
@@ -132,7 +137,7 @@ class Store(ABC):
 
     def supports(self, mode: Mode) -> bool:
         """Whether this store can run ``mode``: its guard, read, write and isolation are all features."""
-        return {mode.guard, mode.read, mode.write, mode.isolation} <= self.features
+        return mode.parts() <= self.features
 
     def modes(self) -> list[Mode]:
         """The modes this store can run, in the table's order."""
@@ -210,8 +215,3 @@ def _worker_copy(store_identity: str, stored: Inventory) -> Inventory:
 
 def _spend_worker_copy(store_identity: str, before: Inventory, quantity: int) -> None:
     _copies[store_identity] = replace(before, remaining=before.remaining - quantity)
-
-
-def settings_with(current: PurchaseSettings, change: Mapping[str, Any]) -> PurchaseSettings:
-    """``current`` with the fields of a ``PUT /mode`` body applied."""
-    return replace(current, **change)

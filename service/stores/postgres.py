@@ -28,6 +28,7 @@ import functools
 import logging
 import math
 import os
+import select
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, ClassVar
@@ -121,7 +122,10 @@ BEGIN = {
     Isolation.REPEATABLE_READ: "BEGIN ISOLATION LEVEL REPEATABLE READ",
 }
 HOLD_AGAINST_SWITCHES = f"SELECT pg_advisory_xact_lock_shared({LOCK_CLASS}, {SWITCH_LOCK})"
-MODE_IN_FORCE = "SELECT mode FROM settings WHERE id = 1"  # a statement of its own: a snapshot taken after the hold
+MODE_IN_FORCE = "SELECT mode FROM settings WHERE id = 1"
+# The three go in one round trip. Each statement of a query string takes its own snapshot (read committed), so
+# the mode is read after the hold was granted: a switch that committed while this purchase waited is seen.
+START = {isolation: f"{begin}; {HOLD_AGAINST_SWITCHES}; {MODE_IN_FORCE}" for isolation, begin in BEGIN.items()}
 TAKE_ADVISORY_LOCK = f"SELECT pg_advisory_xact_lock({LOCK_CLASS}, {INVENTORY_LOCK})"
 
 READ = "SELECT event, total, remaining, version FROM inventory WHERE id = 1"
@@ -193,7 +197,7 @@ class PostgresStore(Store):
         self.connection_options = {
             "autocommit": True,  # transactions are the explicit BEGIN ... COMMIT of each operation
             "connect_timeout": max(2, math.ceil(config.database_timeout_s)),  # libpq's minimum is 2 s
-            "application_name": f"ticketlock {config.host_name}",
+            "application_name": f"ticketlock {config.host_name} master",
             "options": (
                 f"-c lock_timeout={lock_ms} -c statement_timeout={lock_ms + 1000} "
                 f"-c idle_in_transaction_session_timeout={MAX_RACE_WINDOW_MS + 5000}"
@@ -208,7 +212,7 @@ class PostgresStore(Store):
             with psycopg.connect(self.url, **self.connection_options) as connection:  # type: ignore[arg-type]
                 self._create_tables(connection)
         except psycopg.OperationalError as error:
-            raise self._unreachable(error) from None
+            raise self._unreachable(error, "check TICKETLOCK_DATABASE_URL, and that the database is up") from None
 
     def _create_tables(self, connection: psycopg.Connection[Any]) -> None:
         with connection.transaction():
@@ -221,11 +225,12 @@ class PostgresStore(Store):
         with self._connection() as connection:
             connection.execute("SELECT 1")
 
-    def _unreachable(self, error: BaseException) -> StoreUnavailable:
+    def _unreachable(
+        self, error: BaseException, advice: str = "nothing was sold or changed; retry shortly"
+    ) -> StoreUnavailable:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return StoreUnavailable(
-            f"The database at {self.config.masked_database_url} cannot be reached ({reason}); nothing was sold. "
-            "Retry shortly."
+            f"The database at {self.config.masked_database_url} cannot be reached ({reason}): {advice}."
         )
 
     @contextmanager
@@ -249,16 +254,16 @@ class PostgresStore(Store):
             raise self._unreachable(error) from None
 
     def _open_pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
+        # Named after the worker, so that pg_stat_activity shows which host and which worker holds what.
+        application_name = f"ticketlock {self.config.host_name} pid {os.getpid()}"
         pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             self.url,
-            kwargs=self.connection_options,
+            kwargs={**self.connection_options, "application_name": application_name},
             min_size=1,
             max_size=self.config.pool_size,
             open=False,
             timeout=self.timeout_s,
-            # A connection the database dropped (a restart, pg_terminate_backend) is found and replaced when it
-            # is taken, not on a buyer's first statement.
-            check=ConnectionPool.check_connection,
+            check=_closed_by_server,
             # Give up a reconnection after a few seconds: the next request asks again at once, so the pool
             # recovers within seconds of the database's return instead of after a long backoff.
             reconnect_timeout=max(4.0, 2 * self.timeout_s),
@@ -340,16 +345,14 @@ class PostgresStore(Store):
             self._host_lock(mode),
             self._connection() as connection,
         ):
-            purchase = PostgresTransaction(self, connection)
+            steps = PostgresTransaction(self, connection)
             try:
-                connection.execute(BEGIN[mode.isolation])
-                connection.execute(HOLD_AGAINST_SWITCHES)
-                in_force = connection.execute(MODE_IN_FORCE).fetchone()
+                in_force = _last_row(connection, START[mode.isolation])
                 if not in_force or in_force[0] != mode.name:
                     raise Conflict(f"the mode changed to {in_force[0] if in_force else None!r}")
                 if mode.guard is Guard.ADVISORY_LOCK:
                     connection.execute(TAKE_ADVISORY_LOCK)
-                yield purchase
+                yield steps
             except BaseException:
                 if not connection.broken:
                     connection.execute(ROLLBACK)
@@ -360,8 +363,8 @@ class PostgresStore(Store):
                 if not connection.broken:
                     raise  # the database refused the commit: nothing was written
                 raise OutcomeUnknown(
-                    f"The connection broke while order {purchase.order_id} was being committed ({error}): it may "
-                    f"or may not stand. GET /orders/{purchase.order_id} tells."
+                    f"The connection broke while order {steps.order_id} was being committed ({error}): it may "
+                    f"or may not stand. GET /orders/{steps.order_id} tells."
                 ) from None
 
     def _host_lock(self, mode: Mode) -> AbstractContextManager[None]:
@@ -420,6 +423,28 @@ def _pool_for(store: PostgresStore, pid: int) -> ConnectionPool[psycopg.Connecti
     # One pool per store and worker process, opened on first use: keyed by pid, so a pool that a --preload
     # master opened is never the one a worker uses.
     return store._open_pool()
+
+
+def _closed_by_server(connection: psycopg.Connection[Any]) -> None:
+    """The pool's check of a connection it hands out, without a round trip to the database.
+
+    An idle connection has nothing to read, unless the server ended it (a restart, pg_terminate_backend) and its
+    goodbye waits on the socket: then the pool drops it and takes another, instead of failing a buyer's
+    first statement.
+    """
+    readable, _, _ = select.select([connection.fileno()], [], [], 0)
+    if readable:
+        connection.close()  # so that the pool replaces it rather than hand it out again
+        raise psycopg.OperationalError("the server closed this idle connection")
+
+
+def _last_row(connection: psycopg.Connection[Any], statements: str) -> Any:
+    """Run several statements in one round trip (no parameters allowed), and return the last one's first row."""
+    with connection.cursor() as cursor:
+        cursor.execute(statements)
+        for _ in cursor.results():
+            pass  # step to the last statement's result
+        return cursor.fetchone()
 
 
 def _inventory(row: Any) -> Inventory:

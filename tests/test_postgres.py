@@ -1,0 +1,358 @@
+"""Several hosts on one real PostgreSQL: the file lock stops protecting, the database's mutexes hold, also under faults.
+
+Two hosts (two gunicorn masters with four workers each, each on its own loopback address with its own lock
+file) sell from one throwaway PostgreSQL server started from the operating system's binaries. Every scenario is
+bounded in buyers and time, and every process it starts is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import requests
+
+from loadtest.checker import Check, Outcome, check
+from loadtest.client import ServiceClient, ServiceError, ServiceUnreachable
+from loadtest.cluster import Cluster
+from loadtest.postgres import ThrowawayPostgres
+from loadtest.runner import release_buyers
+from service.modes import TABLE
+from tests.conftest import Api, buy_together, run_cli
+
+POSTGRES_MODES = [mode.name for mode in TABLE]
+SAFE_MODES = ["optimistic", "row-lock", "advisory-lock", "atomic", "repeatable-read"]
+
+
+@pytest.fixture(scope="module")
+def cluster(postgres: ThrowawayPostgres) -> Iterator[Cluster]:
+    """Two hosts of four workers each on the session's PostgreSQL."""
+    with Cluster(hosts=2, workers=4, store="postgres", database_url=postgres.url) as running:
+        yield running
+
+
+@pytest.fixture
+def hosts(cluster: Cluster) -> Iterator[list[Api]]:
+    """One API client per host, the store reset to 10 tickets in locked mode with the default race window."""
+    apis = [Api(url) for url in cluster.urls]
+    apis[0].reset(tickets=10)
+    apis[0].put("/mode", {"mode": "locked", "race_window_ms": 20})
+    yield apis
+    for api in apis:
+        api.session.close()
+
+
+@pytest.fixture
+def database(postgres: ThrowawayPostgres) -> Iterator[psycopg.Connection[Any]]:
+    """A connection of the test's own, to look at the service's sessions and locks."""
+    with psycopg.connect(postgres.url, autocommit=True) as connection:
+        yield connection
+
+
+# --- Every mode across hosts ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def every_mode(cluster: Cluster) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """The load tester against both hosts: every mode, three trials, buyers spread round-robin, as JSON."""
+    completed = run_cli("--url", *cluster.urls, "--modes", "all", "--trials", "3", "--require-oversell", "--json")
+    return completed, json.loads(completed.stdout)
+
+
+def test_across_hosts_every_mode_shows_its_expected_outcome(every_mode: Any) -> None:
+    completed, result = every_mode
+
+    assert completed.returncode == 0, completed.stderr
+    assert (result["store"], result["deployment"]) == ("postgres", {"hosts": 2, "processes": 8})
+    assert list(result["summary"]) == POSTGRES_MODES
+    assert all(summary["as_expected"] for summary in result["summary"].values()), result["summary"]
+
+
+@pytest.mark.parametrize("mode", ["unlocked", "locked"])
+def test_unlocked_and_the_file_lock_oversell_across_hosts_in_every_trial(every_mode: Any, mode: str) -> None:
+    _, result = every_mode
+
+    phases = [phase for phase in result["phases"] if phase["mode"] == mode]
+    assert len(phases) == 3 and all(phase["check"]["oversold"] > 0 for phase in phases)
+    # Both hosts sold: the buyers went to them round-robin.
+    assert all({host for host, _ in phase["check"]["sellers"]} == {"host-1", "host-2"} for phase in phases)
+
+
+@pytest.mark.parametrize("mode", SAFE_MODES)
+def test_the_database_mutexes_are_correct_across_hosts_in_every_trial(every_mode: Any, mode: str) -> None:
+    _, result = every_mode
+
+    for phase in [phase for phase in result["phases"] if phase["mode"] == mode]:
+        figures = phase["check"]
+        assert figures["correct"], figures["anomalies"]
+        assert figures["ok"] == figures["orders_recorded"] == 10 and figures["remaining"] == 0
+
+
+def test_the_one_command_demo_starts_three_hosts_on_its_own_postgres_and_stops_them(tmp_path: Path) -> None:
+    completed = run_cli("--hosts", "3", "--store", "postgres", "--json", cwd=tmp_path)
+
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout)
+    assert result["deployment"] == {"hosts": 3, "processes": 12}
+    assert all(summary["as_expected"] for summary in result["summary"].values())
+    assert len(result["service_pids"]) == 3 * 5 + 1  # three masters, twelve workers, the database server
+    assert all(not Path(f"/proc/{pid}").exists() for pid in result["service_pids"])
+
+
+# --- Switching modes ---------------------------------------------------------------------------------------------
+
+
+def test_a_mode_switch_on_one_host_is_seen_by_every_worker_of_every_host(hosts: list[Api], cluster: Cluster) -> None:
+    for mode in ("row-lock", "unlocked", "atomic"):
+        assert hosts[1].put("/mode", {"mode": mode}).status_code == 200
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(lambda n: hosts[n % 2].get("/tickets").json(), range(80)))
+
+        assert {answer["mode"] for answer in answers} == {mode}
+        assert {answer["host"] for answer in answers} == {"host-1", "host-2"}
+        assert len({(answer["host"], answer["worker_pid"]) for answer in answers}) >= 4
+
+
+def _purchases_in_flight(database: psycopg.Connection[Any]) -> int:
+    """Purchases holding the shared advisory lock every purchase takes against mode switches."""
+    row = database.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 1 AND mode = 'ShareLock' AND granted"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_a_safe_mode_switched_on_waits_for_unlocked_stragglers_on_every_host(
+    hosts: list[Api], cluster: Cluster, database: psycopg.Connection[Any]
+) -> None:
+    # One ticket. Unlocked purchases on both hosts have read 1 and sit in their race window when the mode becomes
+    # row-lock: the switch waits for them, and the next, row-lock, buyer must see their writes, not the 1 they read.
+    hosts[0].reset(tickets=1)
+    hosts[0].put("/mode", {"mode": "unlocked", "race_window_ms": 600})
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        stragglers = [pool.submit(hosts[n].post, "/orders", {"buyer": f"straggler-{n}"}) for n in range(2)]
+        deadline = time.monotonic() + 10
+        while _purchases_in_flight(database) < 2:
+            assert time.monotonic() < deadline, "the unlocked purchases never reached their race window"
+            time.sleep(0.005)
+        switch = hosts[1].put("/mode", {"mode": "row-lock"})
+        switched_at = time.time()
+        late = hosts[0].post("/orders", {"buyer": "late"})
+        sold = [straggler.result().json() for straggler in stragglers]
+
+    assert switch.status_code == 200
+    assert all(order["mode"] == "unlocked" and order["timing"]["wrote_at"] < switched_at for order in sold)
+    assert (late.status_code, late.json()["error"]) == (409, "sold_out")
+    assert sorted(order["buyer"] for order in hosts[1].all_orders()) == ["straggler-0", "straggler-1"]
+
+
+def test_concurrent_retries_with_one_key_on_both_hosts_sell_once_even_unlocked(
+    hosts: list[Api], cluster: Cluster
+) -> None:
+    hosts[0].put("/mode", {"mode": "unlocked"})
+    key = {"Idempotency-Key": "one-key-two-hosts"}
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(pool.map(lambda n: hosts[n % 2].post("/orders", {"buyer": "ana"}, headers=key), range(6)))
+
+    assert {answer.status_code for answer in answers} <= {200, 201} and [a.status_code for a in answers].count(201) == 1
+    assert len({answer.json()["order_id"] for answer in answers}) == 1
+    assert hosts[1].get("/tickets").json()["remaining"] == 9  # the unique key kept the other sales from committing
+
+
+def test_the_live_feed_misses_no_order_and_repeats_none_while_hosts_sell(hosts: list[Api], cluster: Cluster) -> None:
+    hosts[0].reset(tickets=200)
+    hosts[0].put("/mode", {"mode": "unlocked", "race_window_ms": 5})
+    seen: list[str] = []
+    cursor = hosts[0].get("/orders", params={"after": ""}).json()["cursor"]
+    selling = threading.Thread(target=buy_together, args=(cluster.urls[0], 60))
+    selling.start()
+    deadline = time.monotonic() + 60
+    while selling.is_alive() or len(seen) < len(hosts[1].all_orders()):
+        assert time.monotonic() < deadline, f"the feed gave {len(seen)} orders"
+        page = hosts[1].get("/orders", params={"after": cursor}).json()
+        assert not page["reset"]
+        seen += [order["order_id"] for order in page["orders"]]
+        cursor = page["cursor"]
+        time.sleep(0.01)
+    selling.join()
+
+    assert seen == [order["order_id"] for order in hosts[0].all_orders()]
+
+
+# --- Faults -----------------------------------------------------------------------------------------------------
+
+
+def _start_load(clients: list[ServiceClient], mode: str, tickets: int) -> tuple[threading.Thread, list[Outcome]]:
+    """Reset to ``tickets`` in ``mode`` (40 ms window), then 120 buyers, 12 at a time over both hosts, in the
+    background."""
+    clients[0].reset(tickets)
+    clients[0].set_mode(mode, 40)
+    outcomes: list[Outcome] = []
+    buyers = threading.Thread(target=lambda: outcomes.extend(release_buyers(clients, 120, 12, "faults")), daemon=True)
+    buyers.start()
+    return buyers, outcomes
+
+
+def _finish(buyers: threading.Thread, outcomes: list[Outcome], clients: list[ServiceClient], tickets: int) -> Check:
+    """Wait for the load to end, then check: nothing oversold, no acknowledged order lost, and, a transaction being
+    all or nothing, a count that matches the recorded orders exactly."""
+    buyers.join(timeout=120)
+    assert not buyers.is_alive()
+    orders, remaining = _read_back(clients)
+    result = check(tickets, outcomes, remaining, orders)
+    assert result.correct, result.anomalies
+    assert not result.lost_orders and result.oversold == 0
+    assert tickets - remaining == sum(order["quantity"] for order in orders)
+    return result
+
+
+def _read_back(clients: list[ServiceClient], within_s: float = 20) -> tuple[list[dict[str, Any]], int]:
+    """The recorded orders (from one host) and the remaining count (from the other), once they answer again."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return clients[1].all_orders(), clients[0].tickets()["remaining"]
+        except (ServiceError, ServiceUnreachable):
+            assert time.monotonic() < deadline, f"the service did not answer within {within_s} s"
+            time.sleep(0.1)
+
+
+def _wait_until_selling(url: str, within_s: float = 20) -> float:
+    """Restock one ticket and buy it as soon as the service sells again; how many seconds that took."""
+    api = Api(url)
+    started = time.monotonic()
+    while True:
+        try:
+            if api.post("/reset", {"tickets": 1}).status_code == 200:
+                if (sold := api.post("/orders", {"buyer": "probe"})).status_code == 201:
+                    return time.monotonic() - started
+                assert sold.status_code == 503, sold.text
+        except requests.RequestException:
+            pass
+        assert time.monotonic() - started < within_s, f"the service did not sell again within {within_s} s"
+        time.sleep(0.1)
+
+
+def _holder_of_a_contended_lock(database: psycopg.Connection[Any]) -> int | None:
+    """The gunicorn worker whose transaction holds a lock that other purchases wait for (sitting in its race
+    window), from the application_name each worker gives its connections."""
+    row = database.execute(
+        """
+        SELECT holder.application_name
+        FROM pg_stat_activity waiter
+        CROSS JOIN LATERAL unnest(pg_blocking_pids(waiter.pid)) AS blocking(pid)
+        JOIN pg_stat_activity holder ON holder.pid = blocking.pid
+        WHERE waiter.application_name LIKE 'ticketlock %'
+          AND holder.state = 'idle in transaction' AND holder.wait_event_type IS DISTINCT FROM 'Lock'
+        LIMIT 1
+        """
+    ).fetchone()
+    match = re.search(r"pid (\d+)$", row[0]) if row else None
+    return int(match.group(1)) if match else None
+
+
+@pytest.mark.parametrize("mode", ["row-lock", "advisory-lock"])
+def test_killing_the_worker_that_holds_the_database_lock_releases_it_and_loses_nothing(
+    cluster: Cluster, database: psycopg.Connection[Any], mode: str
+) -> None:
+    clients = [ServiceClient(url, timeout_s=20) for url in cluster.urls]
+    tickets = 40
+    buyers, outcomes = _start_load(clients, mode, tickets)
+    killed: list[int] = []
+    while buyers.is_alive() and len(killed) < 3:
+        holder = _holder_of_a_contended_lock(database)
+        if holder is None or holder in killed:
+            time.sleep(0.005)
+            continue
+        os.kill(holder, signal.SIGKILL)
+        killed.append(holder)
+        time.sleep(0.2)  # let the database see the connection drop and hand the lock on
+
+    result = _finish(buyers, outcomes, clients, tickets)
+    assert killed, "no worker was caught holding the lock"
+    assert result.info >= 1  # the killed workers' buyers never heard back
+    assert result.ok >= 10  # the lock was handed on: sales went on after each kill
+    _wait_until_selling(cluster.urls[0])
+
+
+def _terminate_service_connections(database: psycopg.Connection[Any]) -> int:
+    row = database.execute(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name LIKE 'ticketlock %'"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_terminating_every_service_connection_mid_load_loses_nothing_and_recovers(
+    cluster: Cluster, database: psycopg.Connection[Any]
+) -> None:
+    clients = [ServiceClient(url, timeout_s=20) for url in cluster.urls]
+    tickets = 60
+    buyers, outcomes = _start_load(clients, "atomic", tickets)
+    terminated = []
+    for _ in range(3):
+        time.sleep(0.3)
+        terminated.append(_terminate_service_connections(database))
+
+    _finish(buyers, outcomes, clients, tickets)
+    assert sum(terminated) >= 4, terminated
+    _assert_answers_were_json_and_bounded(outcomes)
+    _wait_until_selling(cluster.urls[0])
+
+
+def test_a_database_restart_mid_load_answers_503_then_recovers_by_itself(
+    cluster: Cluster, postgres: ThrowawayPostgres
+) -> None:
+    clients = [ServiceClient(url, timeout_s=20) for url in cluster.urls]
+    tickets = 60
+    buyers, outcomes = _start_load(clients, "row-lock", tickets)
+    time.sleep(0.3)
+    postgres.stop()
+    down = [requests.post(url + "/orders", json={"buyer": "while down"}, timeout=20) for url in cluster.urls]
+    postgres.restart()
+
+    _finish(buyers, outcomes, clients, tickets)
+    back_after_s = _wait_until_selling(cluster.urls[1])
+    for answer in down:
+        assert (answer.status_code, answer.json()["error"]) == (503, "store_unavailable")
+        assert answer.headers["Retry-After"] == "1"
+        assert answer.elapsed.total_seconds() < 15  # a hang check (database timeout, queueing), not a target
+    assert back_after_s < 20
+    assert Counter(outcome.error for outcome in outcomes)["store_unavailable"] >= 1
+    _assert_answers_were_json_and_bounded(outcomes)
+
+
+def _assert_answers_were_json_and_bounded(outcomes: list[Outcome]) -> None:
+    """Every buyer got a JSON answer (never an HTML page) or a connection error, and never waited past 20 s."""
+    assert not [outcome.error for outcome in outcomes if (outcome.error or "").startswith("http_")]
+    assert all(outcome.error != "timeout" for outcome in outcomes)
+
+
+def test_a_database_unreachable_at_start_is_one_clear_line_with_the_password_masked(tmp_path: Path) -> None:
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("TICKETLOCK_")}
+    environment |= {
+        "TICKETLOCK_DATABASE_URL": "postgresql://ticketlock:s3cret@127.0.0.1:1/ticketlock",
+        "TICKETLOCK_BIND": "127.0.0.1:0",
+        "TICKETLOCK_DB": str(tmp_path / "db.json"),
+    }
+    serve = Path(sys.executable).with_name("ticketlock-serve")
+    completed = subprocess.run([serve], env=environment, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+    assert completed.returncode != 0
+    lines = [line for line in completed.stderr.splitlines() if line.startswith("ticketlock:")]
+    assert len(lines) == 1, completed.stderr
+    assert "postgresql://ticketlock:***@127.0.0.1:1/ticketlock cannot be reached" in lines[0]
+    assert "s3cret" not in completed.stderr + completed.stdout and "Traceback" not in completed.stderr
