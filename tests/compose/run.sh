@@ -462,6 +462,7 @@ run_cluster_demo() {
 
     expect_only_loopback_listeners
     expect_slow_clients_cannot_stall
+    expect_replicas_unhealthy_without_database
 
     compose_down "${CLUSTER[@]}"
 }
@@ -483,6 +484,24 @@ expect_host_changing() {
     done
 }
 
+# A replica is healthy only while it reaches the database: stop db, and /health through the load balancer says
+# why, and the replicas' healthchecks turn unhealthy. (Last: the demo is taken down after it.)
+expect_replicas_unhealthy_without_database() {
+    local replicas replica state deadline=$((SECONDS + 60))
+    step="stop db"
+    bounded 60 "${CLUSTER[@]}" stop db >>"$LOG" 2>&1
+    expect_answer GET /health 503 '.error == "store_unavailable"'
+    step="wait for the cluster-api replicas to turn unhealthy without their database"
+    replicas=$("${CLUSTER[@]}" ps --quiet cluster-api)
+    for replica in $replicas; do
+        until state=$(docker inspect --format '{{.State.Health.Status}}' "$replica") && [[ $state == unhealthy ]]; do
+            ((SECONDS < deadline)) || fail "replica $replica is still $state a minute after db stopped"
+            sleep 1
+        done
+    done
+    echo "  db stopped: all $(wc -w <<<"$replicas") cluster-api replicas unhealthy"
+}
+
 expect_database_unpublished() {
     local container ports
     step="check that db publishes no port"
@@ -497,8 +516,6 @@ expect_database_unpublished() {
 
 compose_up() {
     local begun=$SECONDS
-    step="take note of what listens on this machine before docker compose up"
-    listening_sockets >"$run_dir/listening-before"
     step="$* up --build --detach"
     bounded 900 "$@" up --build --detach >>"$LOG" 2>&1
     echo "compose test: docker compose up --build: images built, every service healthy, loadtest started" \
@@ -543,20 +560,51 @@ demo_failed() {
     fail "$1"
 }
 
-# Every listening TCP and UDP socket of this machine (its own network namespace) as "protocol address:port".
-listening_sockets() {
-    ss --no-header --listening --numeric --tcp --udp | awk '{ print $1, $5 }' | sort -u
+# The listening TCP and UDP sockets of this machine (its own network namespace, not the containers') that this
+# run's engine opened, as "protocol address:port program": those of dockerd and containerd, of the shims and
+# processes that name this run's folder (containerd's shims), and of all their descendants (docker-proxy, which
+# publishes a port; a container on the host's network). Other programs on this machine are none of the test's
+# business, and may come and go while it runs.
+engine_sockets() {
+    local roots
+    roots=$(
+        echo "$dockerd_pid $containerd_pid"
+        grep -lsF "$run_dir/" /proc/[0-9]*/cmdline | cut -d/ -f3
+    )
+    ss --no-header --listening --numeric --tcp --udp --processes |
+        awk -v roots="$(xargs <<<"$roots")" -v family="$(ps -e -o pid=,ppid= | tr '\n' ' ')" '
+            BEGIN {
+                n = split(family, field, " ")
+                for (i = 1; i < n; i += 2) parent[field[i]] = field[i + 1]
+                split(roots, root, " ")
+                for (i in root) ours[root[i]] = 1
+                # Descendants: climb from every process to its ancestors until one is ours.
+                for (pid in parent) {
+                    for (p = pid; p in parent && p > 1; p = parent[p]) if (p in ours) { ours[pid] = 1; break }
+                }
+            }
+            {
+                line = $0
+                while (match(line, /\("[^"]*",pid=[0-9]+/)) {
+                    entry = substr(line, RSTART + 2, RLENGTH - 2)
+                    line = substr(line, RSTART + RLENGTH)
+                    program = entry; sub(/",pid=.*/, "", program)
+                    pid = entry; sub(/.*pid=/, "", pid)
+                    if (pid in ours) { print $1, $5, program; break }
+                }
+            }' | sort -u
 }
 
 # Whatever the demo made listen on this machine listens on a loopback address: nobody else on the network can
 # reach the demo, its admin token or its database.
 expect_only_loopback_listeners() {
-    local new exposed
-    step="compare what listens on this machine with what listened before docker compose up"
-    new=$(listening_sockets | comm -13 "$run_dir/listening-before" -)
-    exposed=$(grep -vE ' (127\.[0-9.]+|\[::1\]|\[::ffff:127\.[0-9.]+\]):[0-9]+$' <<<"$new" || true)
-    echo "  listening on this machine since docker compose up: $(xargs <<<"$new")"
-    [[ -z $exposed ]] || fail "the demo listens on an address other than loopback: $(xargs <<<"$exposed")"
+    local sockets exposed
+    step="list what the engine listens on"
+    sockets=$(engine_sockets)
+    [[ -n $sockets ]] || fail "the engine listens on nothing: the load balancer's published port is missing"
+    exposed=$(grep -vE '^[a-z]+ (127\.[0-9.]+|\[::1\]|\[::ffff:127\.[0-9.]+\]):[0-9]+ ' <<<"$sockets" || true)
+    echo "  listening on this machine for the demo: $(paste -sd ';' <<<"$sockets" | sed 's/;/; /g')"
+    [[ -z $exposed ]] || fail "the demo listens on an address other than loopback: $(paste -sd ';' <<<"$exposed")"
 }
 
 # 50 connections that send a purchase's headers and 1 byte of its body, held open while GET /health and a
