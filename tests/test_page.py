@@ -44,6 +44,7 @@ SCREENSHOT = ROOT / "build" / "live-page.png"
 WAIT_MS = 30_000  # the longest any one step may take before the test fails (the page polls every 250 ms)
 MAX_BARS = 10_000  # app.js draws at most this many bars per run
 VIEWPORT = {"width": 1280, "height": 800}  # a projector's
+NOTHING_YET = "\N{EN DASH}"  # what the page shows in a figure it has not read yet
 OVERLAP = 1.0  # in the drawing's units (800 across): bars that share less than this do not overlap
 
 # Chromium looks up its vendor's hosts (updates, safe browsing, and so on) unless told not to: every host name
@@ -124,7 +125,7 @@ class WatchedPage:
         assert response is not None and response.status == 200
         policy = response.headers["content-security-policy"]
         assert "script-src 'self'" in policy and "default-src 'none'" in policy, policy
-        expect(self.page.locator("#total")).not_to_have_text("\N{EN DASH}", timeout=WAIT_MS)
+        expect(self.page.locator("#total")).not_to_have_text(NOTHING_YET, timeout=WAIT_MS)
         return self.page
 
     def on_request(self, request: Request) -> None:
@@ -221,16 +222,21 @@ def read_store(url: str) -> Store:
     return Store(total=tickets["total"], remaining=tickets["remaining"], orders=orders)
 
 
+def shown(number: int) -> str:
+    """A number as the page writes it, with thousands separators."""
+    return f"{number:,}"
+
+
 def page_agrees_with_store(page: Page, url: str) -> Store:
     """Wait until the page has caught up with the store, then check every figure of its tally and its lanes."""
     store = read_store(url)
-    expect(page.locator("#tally-orders")).to_have_text(str(len(store.orders)), timeout=WAIT_MS)
-    expect(page.locator("#remaining")).to_have_text(str(store.remaining), timeout=WAIT_MS)
-    expect(page.locator("#tally-tickets")).to_have_text(str(store.total))
-    expect(page.locator("#tally-sold")).to_have_text(str(store.sold_by_count))
-    expect(page.locator("#tally-recorded-tickets")).to_have_text(str(store.recorded_tickets))
-    expect(page.locator("#tally-oversold")).to_have_text(str(store.oversold))
-    expect(page.locator("#tally-lost")).to_have_text(str(store.lost_updates))
+    expect(page.locator("#tally-orders")).to_have_text(shown(len(store.orders)), timeout=WAIT_MS)
+    expect(page.locator("#remaining")).to_have_text(shown(store.remaining), timeout=WAIT_MS)
+    expect(page.locator("#tally-tickets")).to_have_text(shown(store.total))
+    expect(page.locator("#tally-sold")).to_have_text(shown(store.sold_by_count))
+    expect(page.locator("#tally-recorded-tickets")).to_have_text(shown(store.recorded_tickets))
+    expect(page.locator("#tally-oversold")).to_have_text(shown(store.oversold))
+    expect(page.locator("#tally-lost")).to_have_text(shown(store.lost_updates))
     lanes = page.eval_on_selector_all("#timeline g.lane", "lanes => lanes.map(lane => Number(lane.dataset.workerPid))")
     assert sorted(lanes) == sorted({int(order["worker_pid"]) for order in store.orders})
     assert len(drawn_bars(page)) == min(len(store.orders), MAX_BARS)
@@ -388,6 +394,9 @@ def test_the_page_shows_the_race_unlocked_and_no_overlap_locked(watched: Watched
     watched.assert_clean()
 
 
+BUYERS = 2000
+
+
 def test_the_page_follows_the_command_line_load_tester(watched: WatchedPage, live: EmbeddedService) -> None:
     page = watched.open()
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -410,10 +419,11 @@ def test_the_page_follows_the_command_line_load_tester(watched: WatchedPage, liv
     expect(page.locator("#mode")).to_have_text("locked")
     expect(page.get_by_text("before the load tester")).to_have_count(0)
 
-    # Thousands of orders, unlocked, as fast as the service sells: the page follows while the load runs.
+    # Thousands of orders, unlocked, as fast as the service sells: the page follows while the load runs. As many
+    # tickets as buyers, so that every buyer gets one whatever the race does: exactly BUYERS orders.
     tester = start_cli(
-        "--url", live.url, "--token", ADMIN_TOKEN, "--throughput", "10", "--modes", "unlocked",
-        "--race-window-ms", "0", "--connections", "8", "--processes", "1", "--json",
+        "--url", live.url, "--token", ADMIN_TOKEN, "--modes", "unlocked", "--race-window-ms", "0",
+        "--buyers", str(BUYERS), "--tickets", str(BUYERS), "--concurrency", "16", "--quiet",
     )  # fmt: skip
     seen_while_running = []
     try:
@@ -423,9 +433,12 @@ def test_the_page_follows_the_command_line_load_tester(watched: WatchedPage, liv
     finally:
         stdout, stderr = tester.communicate(timeout=120)
     assert tester.returncode == 0, stdout + stderr
-    assert any(total == "1000000000" and int(orders) > 0 for total, orders in seen_while_running), seen_while_running
+    assert any(
+        total == shown(BUYERS) and orders not in ("0", NOTHING_YET, shown(BUYERS))
+        for total, orders in seen_while_running
+    ), f"the page never showed the run in progress: {seen_while_running}"
     store = page_agrees_with_store(page, live.url)
-    assert len(store.orders) >= 1000, "a throughput run sells thousands"
+    assert len(store.orders) == BUYERS
     watched.assert_clean()
 
 

@@ -185,8 +185,8 @@ function sleep(milliseconds) {
 
 function showTickets(tickets) {
   $("event").textContent = tickets.event;
-  $("remaining").textContent = tickets.remaining;
-  $("total").textContent = tickets.total;
+  $("remaining").textContent = formatted(tickets.remaining);
+  $("total").textContent = formatted(tickets.total);
   $("store").textContent = tickets.store;
   page.total = tickets.total;
   page.remaining = tickets.remaining;
@@ -250,8 +250,13 @@ async function resetTheStore(tickets) {
     startNewRun();
     showTickets(fresh);
     showTally();
-    showMessage(`Reset: ${fresh.total} tickets for sale, every order cleared.`);
+    showMessage(`Reset: ${formatted(fresh.total)} tickets for sale, every order cleared.`);
   }
+}
+
+// 1,000,000,000 rather than 1000000000: readable from the back of the room.
+function formatted(number) {
+  return Number(number).toLocaleString("en-US");
 }
 
 function showMessage(text, kind = "info") {
@@ -418,6 +423,7 @@ function drawOrders(orders) {
   }
   for (const [lane, piece] of pieces) lane.bars.appendChild(piece);
   for (const bar of fresh) markSameRead(bar);
+  tidyMarkLabels();
   showLegend();
   showLatest();
 }
@@ -502,6 +508,7 @@ function placeBar(bar) {
   bar.wait.setAttribute("x2", begin.toFixed(2));
   bar.rect.setAttribute("x", begin.toFixed(2));
   bar.rect.setAttribute("width", (end - begin).toFixed(2));
+  bar.rect.classList.toggle("narrow", end - begin < 8); // an outline would hide a thin bar's colour
   const label = String(bar.countRead);
   const fits = end - begin >= 12 + 10 * label.length;
   if (fits && !bar.label) {
@@ -520,6 +527,7 @@ function placeBar(bar) {
 function placeEveryBar() {
   for (const bar of page.run.bars) placeBar(bar);
   for (const group of page.run.sameRead.values()) if (group.line) placeMark(group);
+  tidyMarkLabels();
 }
 
 // Sales that read the same count share a colour and a dashed line: each of them wrote count - 1.
@@ -550,14 +558,30 @@ function colourBar(bar, group) {
 }
 
 function placeMark(group) {
-  const moment = x(Math.min(...group.bars.map((bar) => bar.readAt)));
-  const bottom = TOP + page.run.lanes.size * LANE;
-  group.line.setAttribute("x1", moment.toFixed(2));
-  group.line.setAttribute("x2", moment.toFixed(2));
-  group.line.setAttribute("y1", TOP - 18 + (group.colour % 2) * 16);
-  group.line.setAttribute("y2", bottom);
-  group.label.setAttribute("x", (moment + 3).toFixed(2));
-  group.label.setAttribute("y", TOP - 22 + (group.colour % 2) * 16);
+  group.x = x(Math.min(...group.bars.map((bar) => bar.readAt)));
+  group.line.setAttribute("x1", group.x.toFixed(2));
+  group.line.setAttribute("x2", group.x.toFixed(2));
+  group.line.setAttribute("y1", TOP - 4);
+  group.line.setAttribute("y2", TOP + page.run.lanes.size * LANE);
+  group.label.setAttribute("x", (group.x + 3).toFixed(2));
+}
+
+// The marks' labels go in two rows above the lanes; one that would cover a label already there is left out (its
+// colour and its dashed line still show the shared read).
+function tidyMarkLabels() {
+  const rowEnds = [-Infinity, -Infinity];
+  const groups = [...page.run.sameRead.values()].filter((group) => group.label);
+  groups.sort((first, second) => first.x - second.x);
+  for (const group of groups) {
+    const row = rowEnds.findIndex((end) => group.x >= end);
+    if (row === -1) {
+      group.label.setAttribute("display", "none");
+      continue;
+    }
+    group.label.removeAttribute("display");
+    group.label.setAttribute("y", TOP - 26 + row * 16);
+    rowEnds[row] = group.x + 9 * group.label.textContent.length + 8; // 14-unit bold digits are about 9 wide
+  }
 }
 
 function drawAxis() {
@@ -625,10 +649,10 @@ function showTally() {
   const soldByCount = page.total - page.remaining;
   const oversold = Math.max(0, run.ticketsInOrders - page.total);
   const lostUpdates = Math.max(0, run.ticketsInOrders - soldByCount);
-  $("tally-tickets").textContent = page.total;
-  $("tally-sold").textContent = soldByCount;
-  $("tally-orders").textContent = run.orders;
-  $("tally-recorded-tickets").textContent = run.ticketsInOrders;
+  $("tally-tickets").textContent = formatted(page.total);
+  $("tally-sold").textContent = formatted(soldByCount);
+  $("tally-orders").textContent = formatted(run.orders);
+  $("tally-recorded-tickets").textContent = formatted(run.ticketsInOrders);
   showFigure($("tally-oversold"), oversold);
   showFigure($("tally-lost"), lostUpdates);
   let verdict;
@@ -641,7 +665,7 @@ function showTally() {
 }
 
 function showFigure(cell, value) {
-  cell.textContent = value;
+  cell.textContent = formatted(value);
   cell.className = value > 0 ? "unsafe" : "safe";
 }
 
