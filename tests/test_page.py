@@ -388,7 +388,7 @@ def test_the_page_shows_the_race_unlocked_and_no_overlap_locked(watched: Watched
     assert not drawn_overlaps(bars), "locked, each bar starts where another ended"
     assert drawn_same_reads(page) == {}
     expect(page.locator("#legend")).to_have_text(
-        "No two sales read the same count: each one read the count the previous one wrote."
+        "No two sales overlapped: each one read the count the previous one wrote."
     )
     expect(page.locator("#token-form")).to_be_hidden()
     watched.assert_clean()
