@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -66,30 +66,37 @@ BROWSER_LOGGED_ANSWER = re.compile(r"Failed to load resource: the server respond
 # --- Finding the browser ------------------------------------------------------------------------------------------
 
 
-def _cannot_run(reason: str) -> NoReturn:
-    """Skip with one line; with CI=true, fail: CI installs Playwright and Chromium, so missing them is a bug."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"browser test: {reason}", pytrace=False)
-    pytest.skip(f"browser test skipped: {reason}")
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    """The operating system's Chromium (TICKETLOCK_CHROMIUM names another), once Playwright imports."""
-    if not PLAYWRIGHT_IMPORTED:
-        _cannot_run("Playwright is not installed (pip install -e '.[test]')")
+def _find_chromium() -> str | None:
+    """The operating system's Chromium (TICKETLOCK_CHROMIUM names another), or None."""
     path = os.environ.get("TICKETLOCK_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if not path or not Path(path).is_file():
-        _cannot_run("no Chromium found (Debian: apt-get install chromium)")
-    return path
+    return path if path and Path(path).is_file() else None
+
+
+CHROMIUM = _find_chromium()
+_MISSING = (
+    "Playwright is not installed (pip install -e '.[test]')"
+    if not PLAYWRIGHT_IMPORTED
+    else "no Chromium found (Debian: apt-get install chromium)"
+    if CHROMIUM is None
+    else None
+)
+if _MISSING and os.environ.get("CI") != "true":
+    pytest.skip(f"browser test skipped: {_MISSING}", allow_module_level=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _browser_is_installed() -> None:
+    """With CI=true, a missing Playwright or Chromium fails each test here (CI installs both; see .ci/run)."""
+    if _MISSING:
+        pytest.fail(f"browser test: {_MISSING}", pytrace=False)
 
 
 @pytest.fixture(scope="module")
-def browser(chromium: str) -> Iterator[Browser]:
+def browser() -> Iterator[Browser]:
     """Headless Chromium for this module, driven by Playwright (no browser of Playwright's own is downloaded)."""
     arguments = [*CHROMIUM_ARGUMENTS, *(["--no-sandbox"] if os.geteuid() == 0 else [])]  # its sandbox refuses root
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=chromium, headless=True, args=arguments)
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=arguments)
         try:
             yield launched
         finally:

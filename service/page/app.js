@@ -191,6 +191,7 @@ function showTickets(tickets) {
   page.total = tickets.total;
   page.remaining = tickets.remaining;
   if (tickets.mode !== page.shownMode) showMode(tickets.mode);
+  $("mode").className = isSafe(tickets.mode) ? "safe" : "unsafe"; // a second host can make a safe mode unsafe
   if (tickets.race_window_ms !== page.shownWindow) {
     page.shownWindow = tickets.race_window_ms;
     $("race-window").textContent = tickets.race_window_ms;
@@ -209,10 +210,14 @@ function showMode(name) {
   if (!mode && page.modes.length > 0) page.modes = []; // a mode this page has not heard of: ask again
 }
 
-// A mode is safe here when it keeps apart at least the processes of one host (this page sees one service).
+// A mode is safe here when what it protects covers what sells: the workers of one host, or every host once sales
+// come from several (the reasoning of Mode.holds_for in service/modes.py).
+const REACH = ["nothing", "one process", "one host", "every host"];
+
 function isSafe(name) {
   const mode = page.modes.find((candidate) => candidate.name === name);
-  return Boolean(mode) && (mode.protects === "one host" || mode.protects === "every host");
+  const needed = page.run.hosts.size > 1 ? "every host" : "one host";
+  return Boolean(mode) && REACH.indexOf(mode.protects) >= REACH.indexOf(needed);
 }
 
 async function switchMode(name) {
@@ -395,6 +400,7 @@ function orderToBar(order) {
 
 // New orders from the feed: counted in the tally, each drawn as a bar in its worker's lane.
 function drawOrders(orders) {
+  if (orders.length === 0) return;
   const run = page.run;
   const fresh = [];
   for (const order of orders) {
@@ -407,10 +413,8 @@ function drawOrders(orders) {
     else run.notDrawn += 1;
   }
   if (run.latest.length > 6) run.latest.splice(0, run.latest.length - 6);
-  if (fresh.length === 0) {
-    showLatest();
-    return;
-  }
+  showLatest();
+  if (fresh.length === 0) return;
   if (fitTimeAxis(fresh)) placeEveryBar();
   const pieces = new Map(); // lane -> DocumentFragment: one append per lane per poll
   for (const bar of fresh) {
@@ -425,7 +429,6 @@ function drawOrders(orders) {
   tidyMarkLabels();
   if (!run.overlapSeen) run.overlapSeen = barsOverlap(run.bars);
   showLegend();
-  showLatest();
 }
 
 // Whether two sales of different workers were between their read and their write at the same moment (the same
@@ -492,9 +495,10 @@ function drawLane(host, pid, index) {
   return lane;
 }
 
+// "worker 1234", or "host-b · 1234" once sales come from several hosts (a long host name is cut to fit).
 function nameLane(lane) {
-  lane.label.textContent =
-    page.run.hosts.size > 1 ? `${lane.host} · ${lane.pid}` : `worker ${lane.pid}`;
+  const host = lane.host.length > 9 ? `${lane.host.slice(0, 8)}…` : lane.host;
+  lane.label.textContent = page.run.hosts.size > 1 ? `${host} · ${lane.pid}` : `worker ${lane.pid}`;
 }
 
 // One sale: a dotted wait from its start to its read, then a bar from its read to its write, labelled with the
@@ -511,7 +515,6 @@ function drawBar(bar, lane, parent) {
   tooltip.textContent =
     `${bar.buyer}: read ${bar.countRead}, wrote ${bar.countRead - bar.quantity} ` +
     `(worker ${bar.pid}, ${((bar.wroteAt - bar.readAt) * 1000).toFixed(1)} ms)`;
-  bar.parent = parent;
   placeBar(bar);
 }
 
