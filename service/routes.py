@@ -14,7 +14,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from service import validation
 from service.config import Config
 from service.errors import OrderNotFound, Unauthorized
-from service.modes import TABLE
+from service.modes import TABLE, Mode
 from service.purchase import purchase
 from service.stores import Inventory, PurchaseSettings, Store
 
@@ -156,9 +156,17 @@ def reset() -> Response:
 @bp.get("/openapi.json")
 def openapi() -> Response:
     """GET /openapi.json -> 200 the OpenAPI 3 description of this API, its modes taken from the modes table."""
-    document = json.loads(resources.files("service").joinpath("openapi.json").read_bytes())
-    document["components"]["schemas"]["Mode"]["enum"] = [mode.name for mode in TABLE]
-    return jsonify(document)
+    return jsonify(openapi_document(_booking().store.modes()))
+
+
+def openapi_document(available: list[Mode]) -> dict[str, Any]:
+    """service/openapi.json with the modes filled in: every mode of the table where the API names a mode, and
+    only the modes this store runs where ``PUT /mode`` accepts one."""
+    document: dict[str, Any] = json.loads(resources.files("service").joinpath("openapi.json").read_bytes())
+    schemas = document["components"]["schemas"]
+    schemas["Mode"]["enum"] = [mode.name for mode in TABLE]
+    schemas["SettingsChange"]["properties"]["mode"]["enum"] = [mode.name for mode in available]
+    return document
 
 
 def _tickets_view(inventory: Inventory, settings: PurchaseSettings) -> dict[str, Any]:

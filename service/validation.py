@@ -30,7 +30,7 @@ _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
 def json_object(request: Request, *, required: bool) -> dict[str, Any]:
     """The body as a JSON object; an empty body is ``{}`` when the body is optional."""
     body = request.get_data(cache=False)  # enforces MAX_CONTENT_LENGTH: 413 beyond it
-    if not body.strip():
+    if not body:
         if required:
             raise InvalidRequest("A JSON body is required.", code="missing_body")
         return {}

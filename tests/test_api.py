@@ -13,6 +13,7 @@ from flask.testing import FlaskClient
 
 from loadtest.embedded import EmbeddedService
 from service.modes import TABLE
+from service.stores.file import FileStore
 from tests.conftest import Api, store_files
 
 
@@ -100,7 +101,9 @@ def test_reset_restores_the_count_and_clears_every_order(client: FlaskClient) ->
 def test_openapi_document_is_served_and_covers_every_route(client: FlaskClient) -> None:
     served = client.get("/openapi.json").json
     kept = json.loads(resources.files("service").joinpath("openapi.json").read_text())
-    assert served["components"]["schemas"]["Mode"].pop("enum") == [mode.name for mode in TABLE]
+    schemas = served["components"]["schemas"]
+    assert schemas["Mode"].pop("enum") == [mode.name for mode in TABLE]
+    assert schemas["SettingsChange"]["properties"]["mode"].pop("enum") == [mode.name for mode in FileStore.modes()]
     assert served == kept
     documented = {
         (path.replace("{order_id}", "<order_id>"), method.upper())

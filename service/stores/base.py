@@ -135,13 +135,15 @@ class Store(ABC):
                 f"the {self.kind} store cannot run the {config.mode!r} mode (TICKETLOCK_MODE): use {names}"
             )
 
-    def supports(self, mode: Mode) -> bool:
+    @classmethod
+    def supports(cls, mode: Mode) -> bool:
         """Whether this store can run ``mode``: its guard, read, write and isolation are all features."""
-        return mode.parts() <= self.features
+        return mode.parts() <= cls.features
 
-    def modes(self) -> list[Mode]:
+    @classmethod
+    def modes(cls) -> list[Mode]:
         """The modes this store can run, in the table's order."""
-        return [mode for mode in TABLE if self.supports(mode)]
+        return [mode for mode in TABLE if cls.supports(mode)]
 
     # --- Life cycle --------------------------------------------------------------------------------------------
 

@@ -292,8 +292,11 @@ class FileStore(Store):
             first = journal.readline()
             current_id = _journal_id(first)
             start = len(first) if current_id else 0
-            reset = bool(cursor) and journal_id != current_id
-            offset = start if reset or not cursor else max(start, int(offset_text))
+            offset = max(start, int(offset_text or 0))
+            # Another journal, or an offset past this one's end (a journal emptied by hand): start over.
+            reset = bool(cursor) and (journal_id != current_id or offset > os.fstat(journal.fileno()).st_size)
+            if reset or not cursor:
+                offset = start
             journal.seek(offset)
             orders: list[Order] = []
             while len(orders) < limit:
