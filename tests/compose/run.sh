@@ -423,6 +423,7 @@ run_single_host_demo() {
     expect_answer POST /orders 201 '.buyer == "ana" and .quantity == 1 and (.order_id | length) > 0' \
         -H 'Content-Type: application/json' -d '{"buyer": "ana"}'
     expect_answer GET /tickets 200 '.sold == 1 and .remaining == .total - 1'
+    expect_live_page
 
     expect_only_loopback_listeners
     expect_slow_clients_cannot_stall
@@ -465,6 +466,16 @@ run_cluster_demo() {
     expect_replicas_unhealthy_without_database
 
     compose_down "${CLUSTER[@]}"
+}
+
+# The live page (GET /) comes through nginx whole, with the service's Content-Security-Policy.
+expect_live_page() {
+    local answer
+    step="curl GET $lb_url/"
+    answer=$(curl --silent --show-error --fail --max-time 10 --dump-header - --output /dev/null "$lb_url/")
+    echo "  GET / -> $(head -n 1 <<<"$answer" | tr -d '\r')"
+    grep -qi '^content-type: text/html' <<<"$answer" || fail "GET / through lb is not an HTML page"
+    grep -qi '^content-security-policy: ' <<<"$answer" || fail "GET / through lb lost its Content-Security-Policy"
 }
 
 # GET /tickets six times through the load balancer: nginx hands the requests to the replicas in turn.
