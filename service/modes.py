@@ -117,7 +117,7 @@ TABLE = (
         Read.PLAIN,
         Write.BLIND,
         Reach.ONE_HOST,
-        "every worker of a host takes the same file lock, but each host locks its own file",
+        "every worker of this host takes the same file lock, but another host would lock a file of its own",
     ),
     Mode(
         "thread-lock",
