@@ -285,7 +285,8 @@ def test_a_retry_after_a_failed_write_may_change_its_body(api: Api, service: Emb
 def test_a_journal_line_cut_just_before_its_newline_is_not_an_order(tmp_path: Path) -> None:
     # A write that stops one byte short leaves a complete JSON object without its newline: it must not stay.
     script = f"""
-import json, resource
+import json, resource, time
+time.time = lambda: 1764000000.25  # the moment the store stamps as wrote_at, so that the line's length is known
 from pathlib import Path
 from service.config import load_config
 from service.errors import StoreWriteFailed
@@ -293,7 +294,8 @@ from service.stores.base import Inventory
 from service.stores.file import FileStore
 store = FileStore(load_config({{"db_path": Path({str(tmp_path / "db.json")!r}), "tickets": 5}}))
 store.prepare()
-order = {{"order_id": "cut", "buyer": "a buyer whose line is longer than db.json", "quantity": 1, "remaining": 4}}
+order = {{"order_id": "cut", "buyer": "a buyer whose line is longer than db.json", "quantity": 1, "remaining": 4,
+         "timing": {{"started_at": 1.0, "read_at": 1.0, "wrote_at": time.time()}}}}
 line = json.dumps(order, ensure_ascii=False, separators=(",", ":")).encode() + b"\\n"
 resource.setrlimit(resource.RLIMIT_FSIZE, (len(line) - 1, resource.RLIM_INFINITY))
 try:

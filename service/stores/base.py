@@ -9,6 +9,7 @@ for that mode.
 from __future__ import annotations
 
 import hashlib
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
@@ -83,6 +84,11 @@ class Feed:
     cursor: str
     reset: bool
     orders: list[Order]
+
+
+def stamp_written(order: Order) -> None:
+    """Note in ``order`` that its count was written just now: the end of the read -> write a timeline draws."""
+    order["timing"]["wrote_at"] = time.time()
 
 
 class Conflict(Exception):

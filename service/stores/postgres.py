@@ -60,6 +60,7 @@ from service.stores.base import (
     Store,
     Transaction,
     settings_with,
+    stamp_written,
 )
 
 log = logging.getLogger(__name__)
@@ -367,7 +368,7 @@ class PostgresStore(Store):
                     f"or may not stand. GET /orders/{steps.order_id} tells."
                 ) from None
 
-    def _host_lock(self, mode: Mode) -> AbstractContextManager[None]:
+    def _host_lock(self, mode: Mode) -> AbstractContextManager[object]:
         if mode.guard is Guard.FILE_LOCK:
             return holding(self.config.lock_path, self.config.lock_timeout_s, NOTHING_SOLD)
         return nullcontext()
@@ -412,6 +413,7 @@ class PostgresTransaction(Transaction):
             order = {**order, "remaining": row[0]}
         else:
             self.connection.execute(LOCK_ROW_TO_RECORD)
+        stamp_written(order)
         self.connection.execute(INSERT_ORDER, {**order, **order["timing"]})
         if request is not None:
             self.connection.execute(INSERT_KEY, (request.digest, request.fingerprint, order["order_id"]))

@@ -1,0 +1,85 @@
+"""The file store's writes: every order flushed before its 201 (one fsync for several), db.json swapped in whole.
+
+The flush lock file (db.json.orders.synced) holds which journal, and how many of its bytes, are known to be on
+disk; a purchase skips its fsync only when that covers its line (service/stores/file.py, group commit).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from loadtest.embedded import EmbeddedService
+from service.config import load_config
+from service.purchase import PurchaseRequest, purchase
+from service.stores import file as file_store
+from service.stores.file import FileStore
+from tests.conftest import Api, buy_together, read_db
+
+
+def flushed(directory: Path) -> tuple[int, int]:
+    """(journal inode, bytes on disk) as the flush lock file records them."""
+    data = (directory / "db.json.orders.synced").read_bytes()
+    inode, size = struct.unpack("<QQ", data[:16])
+    return inode, size
+
+
+def journal(directory: Path) -> tuple[int, int]:
+    stat = os.stat(directory / "db.json.orders")
+    return stat.st_ino, stat.st_size
+
+
+@pytest.mark.parametrize("mode", ["locked", "unlocked"])
+def test_every_order_told_201_lies_in_the_flushed_part_of_the_journal(tmp_path: Path, mode: str) -> None:
+    with EmbeddedService(workers=4, race_window_ms=0, directory=tmp_path) as service:
+        api = Api(service.url)
+        api.put("/mode", {"mode": mode, "race_window_ms": 0})
+        api.reset(tickets=10_000)
+
+        answers = buy_together(service.url, 120)
+
+        assert all(answer.status_code == 201 for answer in answers)
+        # The last purchase to finish flushed (or found flushed) everything before its own line.
+        assert flushed(tmp_path) == journal(tmp_path)
+        assert len(api.all_orders()) == 120
+
+
+def test_a_reset_forgets_the_flushes_of_the_journal_it_replaces(tmp_path: Path) -> None:
+    # A new journal may get the inode of an old one; it must never count as flushed because of the old one.
+    store = FileStore(load_config({"db_path": tmp_path / "db.json", "race_window_ms": 0}))
+    store.prepare()
+    config = store.config
+    purchase(store, PurchaseRequest("ana", 1), config)
+    assert flushed(tmp_path) == journal(tmp_path)
+
+    store.reset(tickets=10, event=None)
+    assert flushed(tmp_path) == (0, 0)
+
+    purchase(store, PurchaseRequest("bo", 1), config)
+    assert flushed(tmp_path) == journal(tmp_path)
+
+
+def test_db_json_is_swapped_in_whole_and_no_temporary_file_stays(tmp_path: Path) -> None:
+    store = FileStore(load_config({"db_path": tmp_path / "db.json", "tickets": 5, "race_window_ms": 0}))
+    store.prepare()
+    for buyer in ("ana", "bo", "cy"):
+        purchase(store, PurchaseRequest(buyer, 1), store.config)
+
+    assert read_db(tmp_path / "db.json")["remaining"] == 2
+    assert list(tmp_path.glob(".*.tmp")) == []
+
+
+def test_where_names_cannot_be_exchanged_the_file_is_renamed_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Some filesystems and C libraries have no renameat2(RENAME_EXCHANGE): os.replace does the same job there.
+    monkeypatch.setattr(file_store, "_renameat2", None)
+    store = FileStore(load_config({"db_path": tmp_path / "db.json", "tickets": 5, "race_window_ms": 0}))
+    store.prepare()
+    purchase(store, PurchaseRequest("ana", 2), store.config)
+
+    assert read_db(tmp_path / "db.json")["remaining"] == 3
+    assert list(tmp_path.glob(".*.tmp")) == []
