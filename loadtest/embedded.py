@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 
 from loadtest.client import ServiceClient, ServiceError, ServiceUnreachable
-from service.serve import gunicorn_command
+from service.serve import GUNICORN_CONF, gunicorn_command
 
 STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -40,8 +40,10 @@ class EmbeddedService:
         directory: Path | None = None,
         environment: dict[str, str] | None = None,
         address: str = "127.0.0.1",
+        gunicorn_config: Path = GUNICORN_CONF,
     ) -> None:
         self.workers = workers
+        self.gunicorn_config = gunicorn_config  # another app, or the project's settings with more hooks (bench/)
         self.address = address
         self.race_window_ms = race_window_ms
         self.admin_token = admin_token
@@ -72,7 +74,7 @@ class EmbeddedService:
         self.url = f"http://{self.address}:{listener.getsockname()[1]}"
         with listener, open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                gunicorn_command("--bind", f"fd://{listener.fileno()}"),
+                gunicorn_command("--bind", f"fd://{listener.fileno()}", config=self.gunicorn_config),
                 env=self._environment(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -129,18 +131,7 @@ class EmbeddedService:
         """SIGTERM the process group, wait, SIGKILL what is left; raise if any of its processes survives."""
         if self.process is None:
             return
-        group = self.process.pid
-        signal_group(group, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            signal_group(group, signal.SIGKILL)
-            self.process.wait(timeout=STOP_TIMEOUT_S)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while processes_in_group(group) and time.monotonic() < deadline:
-            signal_group(group, signal.SIGKILL)
-            time.sleep(0.05)
-        survivors = processes_in_group(group)
+        survivors = stop_group(self.process, signal.SIGTERM, STOP_TIMEOUT_S)
         self.process = None
         if self._temporary:
             self._temporary.cleanup()
@@ -153,6 +144,22 @@ class EmbeddedService:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+def stop_group(process: subprocess.Popen[bytes], first: signal.Signals, timeout_s: float) -> list[int]:
+    """Send ``first`` to the process group ``process`` leads, wait, then SIGKILL what is left: the survivors' PIDs."""
+    group = process.pid
+    signal_group(group, first)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        signal_group(group, signal.SIGKILL)
+        process.wait(timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while processes_in_group(group) and time.monotonic() < deadline:
+        signal_group(group, signal.SIGKILL)
+        time.sleep(0.05)
+    return processes_in_group(group)
 
 
 def processes_in_group(group: int) -> list[int]:

@@ -26,7 +26,7 @@ from types import TracebackType
 
 import psycopg
 
-from loadtest.embedded import processes_in_group, signal_group
+from loadtest.embedded import stop_group
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
@@ -153,18 +153,7 @@ class ThrowawayPostgres:
         """A fast shutdown (SIGINT: sessions are ended, the cluster stays consistent), then SIGKILL what is left."""
         if self.process is None:
             return
-        group = self.process.pid
-        signal_group(group, signal.SIGINT)
-        try:
-            self.process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            signal_group(group, signal.SIGKILL)
-            self.process.wait(timeout=STOP_TIMEOUT_S)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while processes_in_group(group) and time.monotonic() < deadline:
-            signal_group(group, signal.SIGKILL)
-            time.sleep(0.05)
-        survivors = processes_in_group(group)
+        survivors = stop_group(self.process, signal.SIGINT, STOP_TIMEOUT_S)
         self.process = None
         if survivors:
             raise RuntimeError(f"processes {survivors} of PostgreSQL survived SIGKILL")

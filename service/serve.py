@@ -9,9 +9,9 @@ from pathlib import Path
 GUNICORN_CONF = Path(__file__).with_name("gunicorn.conf.py")
 
 
-def gunicorn_command(*extra_arguments: str) -> list[str]:
-    """The command that runs the service under gunicorn with the project's configuration file."""
-    return [sys.executable, "-m", "gunicorn", "--config", str(GUNICORN_CONF), *extra_arguments]
+def gunicorn_command(*extra_arguments: str, config: Path = GUNICORN_CONF) -> list[str]:
+    """The command that runs the service under gunicorn with the project's configuration file (or ``config``)."""
+    return [sys.executable, "-m", "gunicorn", "--config", str(config), *extra_arguments]
 
 
 def main() -> None:
