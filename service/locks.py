@@ -43,7 +43,8 @@ THREAD_POLL_INTERVAL_S = 0.002
 def holding(lock_path: Path, timeout_s: float, consequence: str, *, shared: bool = False) -> Iterator[int]:
     """Hold the lock on ``lock_path``; a wait longer than ``timeout_s`` raises LockTimeout (503, Retry-After).
 
-    Yields the lock file's descriptor, for a lock file that also holds what its holders share.
+    Yields the lock file's descriptor, for a lock file that also holds what its holders share. Holds do not nest:
+    a thread holds one lock file once at a time (a second hold would convert the first, and end it on exit).
     """
     fd = _lock(lock_path, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, timeout_s)
     if fd is None:
@@ -69,6 +70,9 @@ def _lock(lock_path: Path, operation: int, timeout_s: float) -> int | None:
                 return fd
         except FileNotFoundError:
             pass
+        except BaseException:
+            _forget_descriptor(lock_path)  # never leave the lock held by a descriptor nobody will unlock
+            raise
         _forget_descriptor(lock_path)
 
 
@@ -115,20 +119,24 @@ def _wait_in_kernel(fd: int, operation: int, seconds: float) -> bool:
     if signal.getitimer(signal.ITIMER_REAL) != (0.0, 0.0):
         return False
     previous = signal.signal(signal.SIGALRM, _expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    _waiting = True
+    granted = False
     try:
-        fcntl.flock(fd, operation)
-        return True
+        try:
+            _waiting = True  # before the timer starts, so that however early it fires, it ends the wait
+            signal.setitimer(signal.ITIMER_REAL, seconds)
+            fcntl.flock(fd, operation)
+            granted = True
+        finally:
+            # Stop the wait first, then the timer: a SIGALRM still pending after this finds nothing to end.
+            _waiting = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
     except _WaitExpired:
-        fcntl.flock(fd, fcntl.LOCK_UN)  # the timer may have fired just after the lock was granted
-        return False
+        granted = False  # the timer fired: before the grant, or just after it, before _waiting was cleared
     finally:
-        # Stop the wait first, then the timer, then restore the handler: a SIGALRM that is still pending when
-        # signal.signal() runs it must find nothing to interrupt, and none may arrive under the old handler.
-        _waiting = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+    if not granted:
+        fcntl.flock(fd, fcntl.LOCK_UN)  # drops a lock granted just before the timer fired; else does nothing
+    return granted
 
 
 class _WaitExpired(Exception):

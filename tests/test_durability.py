@@ -1,6 +1,6 @@
 """The file store's writes: every order flushed before its 201 (one fsync for several), db.json swapped in whole.
 
-The flush lock file (db.json.orders.synced) holds which journal, and how many of its bytes, are known to be on
+The flush lock file (db.json.orders.flushed) holds which journal, and how many of its bytes, are known to be on
 disk; a purchase skips its fsync only when that covers its line (service/stores/file.py, group commit).
 """
 
@@ -22,7 +22,7 @@ from tests.conftest import Api, buy_together, read_db
 
 def flushed(directory: Path) -> tuple[int, int]:
     """(journal inode, bytes on disk) as the flush lock file records them."""
-    data = (directory / "db.json.orders.synced").read_bytes()
+    data = (directory / "db.json.orders.flushed").read_bytes()
     inode, size = struct.unpack("<QQ", data[:16])
     return inode, size
 

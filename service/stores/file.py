@@ -2,14 +2,15 @@
 
 For db.json at PATH the store keeps:
 
-    PATH               the inventory {"event", "total", "remaining", "version"}: small, human-readable, replaced
+    PATH               the inventory {"event", "total", "remaining", "version"}: one human-readable line, replaced
                        atomically; "version" grows with every write and reset (the optimistic mode checks it)
     PATH.orders        the order journal: one JSON object per line, only ever appended (and started afresh by a
                        reset, with a first line naming the new journal so that a live view can tell)
     PATH.settings      how purchases run {"mode", "race_window_ms"}: read on every request by every worker
     PATH.keys/         one small file per Idempotency-Key, naming the order it produced
     PATH.lock          the host's lock file, and PATH.settings.lock for settings changes (service/locks.py)
-    PATH.orders.synced the journal's flush lock, holding how much of the journal is known to be on disk
+    PATH.orders.flushed
+                       the journal's flush lock, recording which journal and how many of its bytes are on disk
 
 Every whole-file write goes to a temporary file in the same folder that then takes the old file's place in one
 step, so a reader sees the old file or the new one, never half of one, and a process killed mid-write leaves
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import json
 import logging
 import os
@@ -41,7 +43,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from service.config import MAX_RACE_WINDOW_MS, Config
-from service.errors import IdempotencyKeyReused, OrderNotDurable, StoreDamaged, StoreWriteFailed
+from service.errors import IdempotencyKeyReused, LockTimeout, OrderNotDurable, StoreDamaged, StoreWriteFailed
 from service.locks import holding, thread_guard
 from service.modes import MODES, Guard, Isolation, Mode, Read, Write
 from service.stores.base import (
@@ -64,6 +66,14 @@ LEFTOVER_AGE_S = 60  # a temporary file older than this has no live writer (ever
 INVENTORY_KEYS = {"event", "total", "remaining"}  # and "version", absent from files written before it existed
 NOTHING_SOLD = "nothing was sold"
 FEED_CHUNK_BYTES = 64 * 1024
+FLUSHED = struct.Struct("<QQ")  # the flush lock file's record: the journal's inode, and its bytes on disk
+
+# renameat2(2), which Python's os module does not wrap: glibc has it since 2.28 (``_swap_into_place``).
+_renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+if _renameat2 is not None:
+    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+AT_FDCWD = -100
+RENAME_EXCHANGE = 2
 
 ADVICE = {
     "inventory": (
@@ -101,7 +111,7 @@ class FileStore(Store):
         self.keys_path = self._beside("keys")
         self.lock_path = config.lock_path
         self.settings_lock_path = self._beside("settings.lock")
-        self.synced_path = self._beside("orders.synced")
+        self.flushed_path = self._beside("orders.flushed")
         self.lock_timeout_s = config.lock_timeout_s
 
     def _beside(self, suffix: str) -> Path:
@@ -117,6 +127,7 @@ class FileStore(Store):
         # there is no journal at all): recreating it with every ticket for sale would sell the orders again.
         self._create_missing(may_create_inventory=not self._journal_has_orders())
         self._write_settings(PurchaseSettings.configured(self.config))
+        self._forget_flushes()  # the journal may have been replaced, or cut, while the service was stopped
 
     def check(self) -> None:
         """Files need no connection: the store is there whenever the service is."""
@@ -171,7 +182,7 @@ class FileStore(Store):
 
     def _write_inventory(self, inventory: Inventory, *, durable: bool = True) -> None:
         """Replace db.json atomically with this inventory (``durable``: fsynced before it takes db.json's place)."""
-        self._replace(self.path, vars(inventory), durable=durable)
+        self._replace(self.path, vars(inventory), durable=durable)  # vars: asdict's deep copy costs, every sale
 
     # --- Settings ---------------------------------------------------------------------------------------------
 
@@ -234,7 +245,7 @@ class FileStore(Store):
         self._write_inventory(after, durable=False)
         stamp_written(order)
         try:
-            self._append_line(self.journal_path, order)
+            self._append_order(order)
         except StoreWriteFailed:
             self._write_inventory(before, durable=False)
             raise
@@ -245,7 +256,7 @@ class FileStore(Store):
         if request is not None:
             self._write_key(request, order["order_id"])
         stamp_written(order)
-        self._append_line(self.journal_path, order)
+        self._append_order(order)
         self._complete_key(order, request)
 
     def make_durable(self, order: Order, request: IdempotentRequest | None) -> None:
@@ -266,25 +277,37 @@ class FileStore(Store):
 
         This is group commit: while one worker's fsync runs, the workers that appended meanwhile queue for the
         flush lock; the first of them then flushes all their lines with one fsync, and the others find theirs on
-        disk already. The flush lock file holds the journal's inode and how many of its bytes are on disk.
+        disk already. The flush lock file records the journal's inode and how many of its bytes are on disk.
         """
         fd = os.open(self.journal_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             written = os.fstat(fd)  # this worker's line is in there, and perhaps others' after it
-            with holding(self.synced_path, self.lock_timeout_s, "the order was not flushed") as marker:
-                inode, synced = _read_marker(marker)
-                if inode == written.st_ino and written.st_size <= synced:
+            with holding(self.flushed_path, self.lock_timeout_s, "the order was not flushed") as record:
+                inode, flushed = _read_flushed(record)
+                if inode == written.st_ino and written.st_size <= flushed:
                     return
                 size = os.fstat(fd).st_size
                 os.fsync(fd)
-                os.pwrite(marker, SYNCED.pack(written.st_ino, size), 0)
+                os.pwrite(record, FLUSHED.pack(written.st_ino, size), 0)
         finally:
             os.close(fd)
 
+    @contextmanager
+    def _forgetting_flushes(self, beyond: int = 0) -> Iterator[None]:
+        """Hold the flush lock while the journal is cut back to ``beyond`` bytes (0: replaced by a new journal).
+
+        What is recorded as flushed then ends at ``beyond``: bytes written there later are not the ones that were
+        flushed, and a new journal may reuse an earlier one's inode.
+        """
+        with holding(self.flushed_path, self.lock_timeout_s, "the journal was not changed") as record:
+            inode, flushed = _read_flushed(record)
+            if flushed > beyond:
+                os.pwrite(record, FLUSHED.pack(inode if beyond else 0, beyond), 0)
+            yield
+
     def _forget_flushes(self) -> None:
-        """A new journal starts unflushed: its inode may be one an earlier journal had."""
-        with holding(self.synced_path, self.lock_timeout_s, "the store was not reset") as marker:
-            os.pwrite(marker, bytes(SYNCED.size), 0)
+        with self._forgetting_flushes():
+            pass
 
     # --- Orders -------------------------------------------------------------------------------------------------
 
@@ -472,24 +495,31 @@ class FileStore(Store):
         finally:
             os.unlink(temporary)
 
-    @staticmethod
-    def _append_line(path: Path, data: object) -> None:
-        line = _to_json_bytes(data) + b"\n"
+    def _append_order(self, order: Order) -> None:
+        """Append the order's line to the journal, whole or not at all."""
+        path = self.journal_path
+        line = _to_json_bytes(order) + b"\n"
         try:
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as error:
             raise StoreWriteFailed(f"could not open {path}: {error.strerror}") from error
         try:
             size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
+            if size == 0:
+                self._forget_flushes()  # a journal just made (the first order, or one deleted by hand)
+            elif os.pread(fd, 1, size - 1) != b"\n":
                 # A power cut can leave a torn last line; start ours on a fresh line so it stays readable.
                 line = b"\n" + line
             written = os.write(fd, line)
             if written != len(line):
-                # Never leave part of an order behind: a line missing only its newline would read as a sale.
-                if os.fstat(fd).st_size == size + written:
-                    os.ftruncate(fd, size)
-                raise OSError(28, f"short write ({written} of {len(line)} bytes)")
+                # Never leave part of an order behind: a line missing only its newline would read as a sale. Its
+                # bytes may have been flushed meanwhile, and the next line will take their place.
+                try:
+                    with self._forgetting_flushes(beyond=size):
+                        _cut_back(fd, size, written)
+                except LockTimeout:
+                    _cut_back(fd, size, written)  # the disk stalls: the part must go all the same
+                raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)")
         except OSError as error:
             raise StoreWriteFailed(f"could not append to {path}: {error.strerror or error}") from error
         finally:
@@ -530,16 +560,11 @@ def _damaged(path: Path, problem: str, kind: str) -> StoreDamaged:
 def _write_temporary(path: Path, content: bytes, *, durable: bool) -> str:
     """A new file beside ``path``, readable by all, holding ``content`` (fsynced if ``durable``): its name.
 
-    The name is this thread's own (its process and thread ids), so no two live writers ever share one; a file
-    that already has it was left by a writer that died, and is replaced.
+    The name is this thread's own: its process's token (process ids repeat across containers that share a
+    volume) and its thread id.
     """
-    temporary = f"{path.parent}/.{path.name}.{os.getpid()}-{threading.get_ident()}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    try:
-        fd = os.open(temporary, flags, 0o644)
-    except FileExistsError:
-        os.unlink(temporary)
-        fd = os.open(temporary, flags, 0o644)
+    temporary = f"{path.parent}/.{path.name}.{_process_token(os.getpid())}-{threading.get_ident()}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         os.fchmod(fd, 0o644)  # whatever the umask
         if os.write(fd, content) != len(content):
@@ -547,20 +572,18 @@ def _write_temporary(path: Path, content: bytes, *, durable: bool) -> str:
         if durable:
             os.fsync(fd)
     except BaseException:
-        os.unlink(temporary)
+        with suppress(FileNotFoundError):
+            os.unlink(temporary)
         raise
     finally:
         os.close(fd)
     return temporary
 
 
-# renameat2(2), which Python's os module does not wrap: glibc has it since 2.28.
-_renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-if _renameat2 is not None:
-    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-AT_FDCWD = -100
-RENAME_EXCHANGE = 2
-CANNOT_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOENT}  # the path is new, or no support
+@functools.cache
+def _process_token(pid: int) -> str:
+    # Made on first use in each process (keyed by pid, so a forked worker never reuses its master's).
+    return f"{pid}-{uuid.uuid4().hex[:8]}"
 
 
 def _swap_into_place(temporary: str, path: Path) -> None:
@@ -574,23 +597,28 @@ def _swap_into_place(temporary: str, path: Path) -> None:
     old file or the new one, never half of one. The price is a power cut's, not a crash's: db.json's newest
     contents reach the disk with the next writeback, not with the journal's fsync (README, "Durability").
     """
-    if _renameat2 is not None:
-        if _renameat2(AT_FDCWD, os.fsencode(temporary), AT_FDCWD, os.fsencode(path), RENAME_EXCHANGE) == 0:
-            with suppress(OSError):  # a file left here is harmless: remove_leftovers deletes it at the next start
-                os.unlink(temporary)  # the old contents now
-            return
-        failure = ctypes.get_errno()
-        if failure not in CANNOT_EXCHANGE:
-            raise OSError(failure, os.strerror(failure), str(path))
+    exchanged = _renameat2 is not None and (
+        _renameat2(AT_FDCWD, os.fsencode(temporary), AT_FDCWD, os.fsencode(path), RENAME_EXCHANGE) == 0
+    )
+    if exchanged:
+        with suppress(OSError):  # a file left here is harmless: remove_leftovers deletes it at the next start
+            os.unlink(temporary)  # the old contents now
+        return
+    # No such file yet, or no exchange here (the filesystem, the kernel, a sandbox): os.replace does the job, and
+    # reports any error that is not about exchanging.
     os.replace(temporary, path)
 
 
-SYNCED = struct.Struct("<QQ")  # the flush lock file's contents: the journal's inode, and its bytes on disk
+def _cut_back(fd: int, size: int, written: int) -> None:
+    """Cut the ``written`` bytes of a short write off the end of the file, unless someone appended after them."""
+    if os.fstat(fd).st_size == size + written:
+        os.ftruncate(fd, size)
 
 
-def _read_marker(fd: int) -> tuple[int, int]:
-    inode, synced = SYNCED.unpack(os.pread(fd, SYNCED.size, 0).ljust(SYNCED.size, b"\0"))
-    return inode, synced
+def _read_flushed(fd: int) -> tuple[int, int]:
+    """The flush lock file's record: the journal's inode, and how many of its bytes are on disk (0, 0: none)."""
+    inode, flushed = FLUSHED.unpack(os.pread(fd, FLUSHED.size, 0).ljust(FLUSHED.size, b"\0"))
+    return inode, flushed
 
 
 def _fsync(path: Path) -> None:
