@@ -138,7 +138,7 @@ PURCHASE_STEPS: list[tuple[str, list[Function]]] = [
     ("guard taken and released (flock)", [("service/stores/file.py", "transaction")]),
     ("1. read db.json", [("service/stores/file.py", "read_inventory")]),
     ("4. write db.json (a new file swapped in)", [("service/stores/file.py", "_write_inventory")]),
-    ("4. write the order's journal line", [("service/stores/file.py", "_append_line")]),
+    ("4. write the order's journal line", [("service/stores/file.py", "_append_order")]),
     ("flush to disk before the 201 (fsync, group commit)", [("service/stores/file.py", "make_durable")]),
 ]
 
