@@ -564,6 +564,9 @@ def profile(bench: Bench, report: Report) -> None:
 
     requests = calls(ROUTE)
     fsyncs = calls(("~", "<built-in method posix.fsync>"))
+    for function in [REQUEST, FLASK, ROUTE, PURCHASE, *(f for _, fs in ROUTE_STEPS + PURCHASE_STEPS for f in fs)]:
+        if not calls(function):
+            raise RuntimeError(f"the profile never saw {function[1]} in {function[0]}: update bench.py's steps")
     total, flask, route, purchase = cpu(REQUEST), cpu(FLASK), cpu(ROUTE), cpu(PURCHASE)
     steps: list[tuple[str, float]] = [
         ("HTTP: gunicorn reads the request, writes the answer, closes", total - flask),
