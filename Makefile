@@ -38,7 +38,7 @@ lint: setup
 	$(BIN)/ruff format --check service loadtest tests bench
 	$(BIN)/mypy service loadtest
 
-## bench: the four performance measurements of issue #6, by hand (needs wrk: apt-get install wrk)
+## bench: issue #12's five goals side by side, wrk as the client (needs wrk and, for goal 5, postgresql)
 bench: $(RUNTIME)
 	$(BIN)/python bench/bench.py
 
