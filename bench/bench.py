@@ -39,8 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -161,11 +160,6 @@ class Figures:
     worker_cpu: float = 0.0  # per worker, of one core
 
     @property
-    def rps(self) -> float:
-        """Answers per second, of any status (wrk's Requests/sec)."""
-        return self.requests / self.seconds
-
-    @property
     def ok_rps(self) -> float:
         """201s per second."""
         return (self.requests - self.errors) / self.seconds
@@ -231,14 +225,12 @@ def latency_ms(out: str, percentile: str) -> float:
 # --- What the machine did meanwhile -----------------------------------------------------------------------------
 
 
-@contextmanager
-def machine_meter(figures_out: list[Figures], worker_pids: Sequence[int]) -> Iterator[None]:
-    """Fill the last Figures appended inside the block with the machine's busy and iowait share, and the workers'."""
+def run_wrk_watching(command: list[str], worker_pids: Sequence[int]) -> Figures:
+    """``run_wrk``, with the machine's busy and iowait shares, and the workers' CPU, while it ran."""
     before, workers_before, started = _cpu_times(), _process_ticks(worker_pids), time.monotonic()
-    yield
+    figures = run_wrk(command)
     after, workers_after, wall = _cpu_times(), _process_ticks(worker_pids), time.monotonic() - started
     total = sum(after) - sum(before)
-    figures = figures_out[-1]
     if total > 0:
         idle, iowait = after[3] - before[3], after[4] - before[4]
         figures.busy = (total - idle - iowait) / total
@@ -246,6 +238,7 @@ def machine_meter(figures_out: list[Figures], worker_pids: Sequence[int]) -> Ite
     if worker_pids and wall > 0:
         ticks = os.sysconf("SC_CLK_TCK")
         figures.worker_cpu = (workers_after - workers_before) / ticks / wall / len(worker_pids)
+    return figures
 
 
 def _cpu_times() -> list[int]:
@@ -328,15 +321,13 @@ class Bench:
         target.prepare(mode, window)
         command = wrk_command(target.urls, connections, self.seconds, script)
         self.commands.setdefault(f"wrk, {len(target.urls)} host(s), -c{connections}", " ".join(command))
-        figures: list[Figures] = []
-        with machine_meter(figures, target.worker_pids()):
-            figures.append(run_wrk(command))
+        figures = run_wrk_watching(command, target.worker_pids())
         progress(
-            f"{target.name:>9} {mode:<15} window {window:>2} ms -c{connections:<3} {figures[0].ok_rps:8,.0f} 201/s  "
-            f"p99 {figures[0].p99_ms:6.1f} ms  errors {figures[0].errors}+{figures[0].socket_errors}  "
-            f"cores {figures[0].busy:.0%} busy"
+            f"{target.name:>9} {mode:<15} window {window:>2} ms -c{connections:<3} {figures.ok_rps:8,.0f} 201/s  "
+            f"p99 {figures.p99_ms:6.1f} ms  errors {figures.errors}+{figures.socket_errors}  "
+            f"cores {figures.busy:.0%} busy"
         )
-        return figures[0]
+        return figures
 
     def rounds_of(
         self,
@@ -378,6 +369,11 @@ class Report:
 def median_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> tuple[float, list[float]]:
     ratios = [n / d if d else float("nan") for n, d in zip(numerators, denominators, strict=True)]
     return statistics.median(ratios), ratios
+
+
+def with_rounds(ratio: float, ratios: Sequence[float]) -> str:
+    """The median ratio in bold, each round's after it."""
+    return f"**{ratio:.2f}** ({' '.join(f'{r:.2f}' for r in ratios)})"
 
 
 def overall(counted: Sequence[bool]) -> str:
@@ -437,9 +433,9 @@ def lock_cost(report: Report, by_connections: dict[int, dict[str, list[Figures]]
                 str(connections),
                 f"{mean(unlocked, 'ok_rps'):,.0f}",
                 f"{mean(locked, 'ok_rps'):,.0f}",
-                f"**{ratio:.2f}** ({' '.join(f'{r:.2f}' for r in ratios)})",
+                with_rounds(ratio, ratios),
                 f"{mean(unlocked, 'p99_ms'):.1f} / {mean(locked, 'p99_ms'):.1f}",
-                f"**{p99:.2f}** ({' '.join(f'{r:.2f}' for r in p99s)})",
+                with_rounds(p99, p99s),
                 f"{mean(unlocked, 'busy'):.0%}",
                 f"yes ({compared})" if saturated else f"no ({compared})",
                 verdict(passed, saturated),
@@ -611,7 +607,7 @@ def workers_section(bench: Bench, report: Report) -> None:
                 str(workers),
                 f"{mean(unlocked, 'ok_rps'):,.0f}",
                 f"{mean(locked, 'ok_rps'):,.0f}",
-                f"**{ratio:.2f}** ({' '.join(f'{r:.2f}' for r in ratios)})",
+                with_rounds(ratio, ratios),
                 bound(unlocked[-1]),
                 bound(locked[-1]),
                 verdict(passed) + (" (unlocked CPU-bound: not required)" if cpu_bound and not passed else ""),
@@ -723,7 +719,7 @@ def every_mode(
                 f"{mean(zero[mode], 'ok_rps'):,.0f}",
                 f"{mean(zero[mode], 'p99_ms'):.1f}",
                 errors_of(zero[mode]),
-                f"**{share:.2f}** ({' '.join(f'{r:.2f}' for r in shares)})",
+                with_rounds(share, shares),
                 f"{twenty[mode].ok_rps:,.0f}",
                 f"{twenty[mode].p99_ms:.0f}",
                 errors_of([twenty[mode]]),
@@ -835,8 +831,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     print(environment_summary(arguments.seconds, arguments.rounds) + "\n")
     report = Report()
-    with ExitStack() as stack:
-        directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ticketlock-bench-")))
+    with tempfile.TemporaryDirectory(prefix="ticketlock-bench-") as temporary:
+        directory = Path(temporary)
         bench = Bench(arguments.seconds, arguments.rounds, directory)
         if "lock" in sections:
             lock_section(bench, report)

@@ -7,7 +7,6 @@ disk; a purchase skips its fsync only when that covers its line (service/stores/
 from __future__ import annotations
 
 import os
-import struct
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,7 @@ from tests.conftest import Api, buy_together, read_db
 
 def flushed(directory: Path) -> tuple[int, int]:
     """(journal inode, bytes on disk) as the flush lock file records them."""
-    data = (directory / "db.json.orders.flushed").read_bytes()
-    inode, size = struct.unpack("<QQ", data[:16])
+    inode, size = file_store.FLUSHED.unpack((directory / "db.json.orders.flushed").read_bytes())
     return inode, size
 
 

@@ -133,7 +133,6 @@ class FileStore(Store):
         """Files need no connection: the store is there whenever the service is."""
 
     def _create_missing(self, *, may_create_inventory: bool = False) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._create_if_absent(self.settings_path, asdict(PurchaseSettings.configured(self.config)))
         if may_create_inventory and not self.path.exists():
             self._create_if_absent(self.path, asdict(Inventory.full(self.config.event, self.config.tickets)))
@@ -400,7 +399,6 @@ class FileStore(Store):
         record: dict[str, object] = {**asdict(request), "order_id": order_id}
         if order is not None:
             record["order"] = order
-        self.keys_path.mkdir(exist_ok=True)
         self._replace(self.keys_path / f"{request.digest}.json", record, durable=False)
 
     def _complete_key(self, order: Order, request: IdempotentRequest | None) -> None:
@@ -564,7 +562,12 @@ def _write_temporary(path: Path, content: bytes, *, durable: bool) -> str:
     volume) and its thread id.
     """
     temporary = f"{path.parent}/.{path.name}.{_process_token(os.getpid())}-{threading.get_ident()}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        fd = os.open(temporary, flags, 0o644)
+    except FileNotFoundError:  # the folder is not there yet: a new store's, or the keys' after a reset
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(temporary, flags, 0o644)
     try:
         os.fchmod(fd, 0o644)  # whatever the umask
         if os.write(fd, content) != len(content):
