@@ -132,13 +132,15 @@ ROUTE_STEPS: list[tuple[str, list[Function]]] = [
     ),
     ("route: the answer's JSON", [("flask/json/__init__.py", "jsonify")]),
 ]
+FILE_STORE = "service/stores/file/__init__.py"
 PURCHASE_STEPS: list[tuple[str, list[Function]]] = [
-    ("settings read (mode, race window)", [("service/stores/file.py", "read_settings")]),
-    ("guard taken and released (flock)", [("service/stores/file.py", "transaction")]),
-    ("1. read db.json", [("service/stores/file.py", "read_inventory")]),
-    ("4. write db.json (a new file swapped in)", [("service/stores/file.py", "_write_inventory")]),
-    ("4. write the order's journal line", [("service/stores/file.py", "_append_order")]),
-    ("flush to disk before the 201 (fsync, group commit)", [("service/stores/file.py", "make_durable")]),
+    ("settings read (mode, race window)", [(FILE_STORE, "read_settings")]),
+    ("the sale's shared hold (flock)", [(FILE_STORE, "begin_sale")]),
+    ("the guard taken and released (flock)", [("service/guards/base.py", "held")]),
+    ("1. read db.json", [(FILE_STORE, "read_inventory")]),
+    ("4. write db.json (a new file swapped in)", [("service/stores/file/atomic.py", "replace_json")]),
+    ("4. write the order's journal line", [("service/stores/file/journal.py", "append")]),
+    ("flush to disk before the 201 (fsync, group commit)", [(FILE_STORE, "make_durable")]),
 ]
 
 

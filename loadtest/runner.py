@@ -20,10 +20,9 @@ from loadtest.checker import INFO, Check, Outcome, check
 from loadtest.client import ServiceClient, buy
 from loadtest.cluster import Cluster
 from loadtest.embedded import STARTUP_TIMEOUT_S
-from service.modes import MODES
+from service.modes import FIRST_LESSON, MODES
 
 SETTLE_S = 1.0
-LESSON_MODES = ("unlocked", "locked")  # the default on the file store: the race and its cure
 
 ProgressCallback = Callable[[str, int, int], None]  # (phase label, answered so far, buyers)
 
@@ -155,7 +154,7 @@ def modes_to_run(client: ServiceClient, asked: Sequence[str]) -> tuple[str, list
     store = str(offered["store"])
     available = [str(mode["name"]) for mode in offered["modes"] if mode["available"]]
     if not asked:
-        return store, list(LESSON_MODES) if store == "file" else available
+        return store, list(FIRST_LESSON) if store == "file" else available
     if list(asked) == ["all"]:
         return store, available
     missing = [mode for mode in asked if mode not in available]

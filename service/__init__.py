@@ -9,7 +9,7 @@ from flask import Flask
 
 from service.config import Config, load_config
 from service.errors import register_error_handlers
-from service.routes import Booking, bp
+from service.routes import bp
 from service.stores import open_store
 from service.validation import MAX_BODY_BYTES
 
@@ -30,7 +30,8 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False  # OPTIONS would answer an empty text/html page, not JSON
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep fields in the documented order
     app.json.ensure_ascii = False  # type: ignore[attr-defined]  # show "路人1", not "\u8def\u4eba1"
-    app.extensions["ticketlock"] = Booking(config=settings, store=store)
+    app.extensions["ticketlock.config"] = settings
+    app.extensions["ticketlock.store"] = store
     app.register_blueprint(bp)
     register_error_handlers(app)
     _log_through_gunicorn()

@@ -1,12 +1,20 @@
-"""The service's configuration: defaults, then environment variables, then the caller's own mapping."""
+"""The service's configuration: every setting declared once, read from the environment, checked, documented.
+
+Each ``Setting`` names its environment variable, its default, how its text is read and checked, and what it
+means. ``load_config`` builds the app's ``Config`` from the settings that have a field there (defaults, then the
+environment, then the caller's own mapping); ``load_server_settings`` reads gunicorn's (``gunicorn.conf.py``).
+The README's configuration table is ``configuration_table()``, and a test holds the two together. As in
+gunicorn's own ``config.py``, the declaration is the documentation.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from service.modes import MODES
@@ -14,24 +22,38 @@ from service.modes import MODES
 MAX_RACE_WINDOW_MS = 5_000
 MAX_TICKETS = 1_000_000_000
 MAX_LOCK_TIMEOUT_S = 20
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# An event-loop worker (gevent, eventlet) would block all its requests in the file lock's kernel wait.
+WORKER_CLASSES = ("sync", "gthread")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unusable; the message names the variable and what it accepts."""
 
 
 @dataclass(frozen=True)
 class Config:
-    """Everything the booking app needs to know at start. The README's configuration table lists each field."""
+    """What the booking app needs to know at start: one field per app setting of ``SETTINGS``."""
 
-    db_path: Path = Path("db.json")
-    mode: str = "locked"
-    race_window_ms: int = 20
-    tickets: int = 10
-    event: str = "ticketlock demo night"
-    lock_timeout_s: float = 5.0
-    admin_token: str | None = field(default=None, repr=False)  # never printed or logged
-    database_url: str | None = field(default=None, repr=False)  # may hold a password: see masked_database_url
-    host_name: str = field(default_factory=socket.gethostname)
-    database_timeout_s: float = 3.0
-    pool_size: int = 4
-    max_attempts: int = 20
+    db_path: Path
+    mode: str
+    race_window_ms: int
+    tickets: int
+    event: str
+    lock_timeout_s: float
+    max_attempts: int
+    admin_token: str | None  # never printed or logged (not in repr)
+    database_url: str | None  # may hold a password: see masked_database_url
+    host_name: str
+    database_timeout_s: float
+    pool_size: int
+
+    def __repr__(self) -> str:
+        secret = {"admin_token", "database_url"}
+        shown = ", ".join(
+            f"{spec.name}={getattr(self, spec.name)!r}" for spec in fields(self) if spec.name not in secret
+        )
+        return f"Config({shown})"
 
     @property
     def lock_path(self) -> Path:
@@ -44,44 +66,263 @@ class Config:
         return mask_password(self.database_url or "")
 
 
-# Each environment variable, the field it sets, and how its text becomes a value.
-ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
-    "TICKETLOCK_DB": ("db_path", Path),
-    "TICKETLOCK_MODE": ("mode", str),
-    "TICKETLOCK_RACE_WINDOW_MS": ("race_window_ms", int),
-    "TICKETLOCK_TICKETS": ("tickets", int),
-    "TICKETLOCK_EVENT": ("event", str),
-    "TICKETLOCK_LOCK_TIMEOUT": ("lock_timeout_s", float),
-    "TICKETLOCK_ADMIN_TOKEN": ("admin_token", str),
-    "TICKETLOCK_DATABASE_URL": ("database_url", str),
-    "TICKETLOCK_HOST_NAME": ("host_name", str),
-    "TICKETLOCK_DATABASE_TIMEOUT": ("database_timeout_s", float),
-    "TICKETLOCK_POOL_SIZE": ("pool_size", int),
-    "TICKETLOCK_MAX_ATTEMPTS": ("max_attempts", int),
-}
+@dataclass(frozen=True)
+class ServerSettings:
+    """How gunicorn serves the app (``gunicorn.conf.py``): one field per server setting of ``SETTINGS``."""
+
+    bind: str
+    workers: int
+    worker_class: str
+    threads: int
+    worker_timeout_s: int
+    log_level: str
+    access_log: str | None
 
 
-class ConfigError(ValueError):
-    """A configuration value is unusable; the message names the variable and what it accepts."""
+# --- How a setting's text is read and checked ---------------------------------------------------------------
+
+
+def text(value: str) -> str:
+    """Any text that is not blank."""
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    """A whole number from ``low`` (to ``high``)."""
+
+    def read(value: str) -> int:
+        if not value.strip().isdigit() or int(value) < low or (high is not None and int(value) > high):
+            raise ValueError(f"must be a whole number from {low}" + (f" to {high}" if high is not None else " up"))
+        return int(value)
+
+    return read
+
+
+def seconds(high: float) -> Callable[[str], float]:
+    """A number of seconds, more than 0 and at most ``high``."""
+
+    def read(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError("is not a number") from None
+        if not 0 < number <= high:
+            raise ValueError(f"must be more than 0 and at most {high:g} s")
+        return number
+
+    return read
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    """One of ``choices``."""
+
+    def read(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+
+    return read
+
+
+def database_url(value: str) -> str:
+    """A PostgreSQL URL (``service/stores/__init__.py`` names the stores each scheme opens)."""
+    if not urlsplit(value).scheme:
+        raise ValueError("must be a URL such as postgresql://user:password@host:5432/database")
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: its field, default, reader and meaning (a row of the README's table)."""
+
+    variable: str
+    field: str  # of Config, or of ServerSettings when ``server``
+    default: Any  # a value, or a function giving it (evaluated when the configuration is loaded)
+    read: Callable[[str], Any]
+    meaning: str
+    shown_default: str = ""  # how the README's table shows the default, if not the value itself
+    server: bool = False
+
+    def default_value(self) -> Any:
+        """The default, computed now if it is a function (the machine's hostname)."""
+        return self.default() if callable(self.default) else self.default
+
+    def from_text(self, value: str) -> Any:
+        """The value this text sets, or ConfigError naming the variable and what it takes."""
+        try:
+            return self.read(value)
+        except ValueError as error:
+            shown = mask_password(value) if self.field == "database_url" else value
+            raise ConfigError(f"{self.variable}={shown!r} {error}") from None
+
+
+SETTINGS = (
+    Setting(
+        "TICKETLOCK_DATABASE_URL",
+        "database_url",
+        None,
+        database_url,
+        "`postgresql://user:password@host:port/database`: keep everything in PostgreSQL, shared by every host "
+        "([several hosts](docs/several-hosts.md)); the URL's scheme picks the store",
+        "unset: the file store",
+    ),
+    Setting(
+        "TICKETLOCK_DB",
+        "db_path",
+        Path("db.json"),
+        Path,
+        "the inventory file; its sidecars go beside it: `.orders` (journal), `.orders.flushed` (how much of it is "
+        "on disk), `.settings`, `.keys/`, `.lock` (the host's lock file, used by the `locked` mode with either "
+        "store), `.settings.lock`",
+        "`db.json` (in the current folder)",
+    ),
+    Setting(
+        "TICKETLOCK_HOST_NAME",
+        "host_name",
+        socket.gethostname,
+        text,
+        "the `host` that `GET /tickets` and every order name",
+        "the machine's hostname",
+    ),
+    Setting(
+        "TICKETLOCK_MODE",
+        "mode",
+        "locked",
+        one_of(*MODES),
+        "the purchase mode a new store starts in (the file store applies it at every start; PostgreSQL when its "
+        "settings row is created)",
+    ),
+    Setting(
+        "TICKETLOCK_RACE_WINDOW_MS",
+        "race_window_ms",
+        20,
+        whole_number(0, MAX_RACE_WINDOW_MS),
+        f"the work between read and write, 0..{MAX_RACE_WINDOW_MS} ms (applied like the mode)",
+    ),
+    Setting(
+        "TICKETLOCK_TICKETS",
+        "tickets",
+        10,
+        whole_number(0, MAX_TICKETS),
+        "tickets of a newly created store, and of a file store's reset whose `db.json` is unreadable",
+    ),
+    Setting("TICKETLOCK_EVENT", "event", "ticketlock demo night", text, "event name of a newly created store"),
+    Setting(
+        "TICKETLOCK_LOCK_TIMEOUT",
+        "lock_timeout_s",
+        5.0,
+        seconds(MAX_LOCK_TIMEOUT_S),
+        "seconds a purchase waits for a lock (the file's, the thread's, or the database's `lock_timeout`) before "
+        f"answering 503 with `Retry-After` (at most {MAX_LOCK_TIMEOUT_S}); also the time the optimistic and "
+        "repeatable-read modes may spend starting again",
+        "`5`",
+    ),
+    Setting(
+        "TICKETLOCK_MAX_ATTEMPTS",
+        "max_attempts",
+        20,
+        whole_number(1),
+        "attempts of an optimistic or repeatable-read purchase before it answers 503 `too_many_conflicts`",
+    ),
+    Setting(
+        "TICKETLOCK_DATABASE_TIMEOUT",
+        "database_timeout_s",
+        3.0,
+        seconds(MAX_LOCK_TIMEOUT_S),
+        "seconds to wait for a database connection, at start and per request, before 503 `store_unavailable` "
+        f"(at most {MAX_LOCK_TIMEOUT_S})",
+        "`3`",
+    ),
+    Setting(
+        "TICKETLOCK_POOL_SIZE",
+        "pool_size",
+        4,
+        whole_number(1),
+        "most database connections per worker process (a sync worker uses one; `gthread` one per thread)",
+    ),
+    Setting(
+        "TICKETLOCK_ADMIN_TOKEN",
+        "admin_token",
+        None,
+        text,
+        "bearer token required by `PUT /mode` and `POST /reset`",
+        "unset (no auth)",
+    ),
+    Setting("TICKETLOCK_BIND", "bind", "127.0.0.1:8000", text, "where gunicorn listens", server=True),
+    Setting("TICKETLOCK_WORKERS", "workers", 4, whole_number(1), "gunicorn worker processes", server=True),
+    Setting(
+        "TICKETLOCK_WORKER_CLASS",
+        "worker_class",
+        "sync",
+        one_of(*WORKER_CLASSES),
+        "`sync` or `gthread` (an event-loop worker would block all its requests in the file lock's wait)",
+        server=True,
+    ),
+    Setting("TICKETLOCK_THREADS", "threads", 1, whole_number(1), "threads per worker with `gthread`", server=True),
+    Setting(
+        "TICKETLOCK_WORKER_TIMEOUT",
+        "worker_timeout_s",
+        30,
+        whole_number(1),
+        "seconds before gunicorn replaces a silent worker (must exceed the lock timeout + "
+        f"{MAX_RACE_WINDOW_MS // 1000} s)",
+        server=True,
+    ),
+    Setting("TICKETLOCK_LOG_LEVEL", "log_level", "info", one_of(*LOG_LEVELS), "gunicorn's log level", server=True),
+    Setting(
+        "TICKETLOCK_ACCESS_LOG",
+        "access_log",
+        None,
+        text,
+        "`-` for an access log on stdout, or a file path",
+        "unset (off)",
+        server=True,
+    ),
+)
 
 
 def load_config(overrides: Mapping[str, object] | None = None, environ: Mapping[str, str] = os.environ) -> Config:
-    """Build a Config from the defaults, the TICKETLOCK_* environment variables, then ``overrides`` by field name."""
-    values: dict[str, object] = {}
-    for variable, (field_name, parse) in ENVIRONMENT.items():
-        text = environ.get(variable, "").strip()
-        if text:
-            try:
-                values[field_name] = parse(text)
-            except ValueError:
-                raise ConfigError(f"{variable}={text!r} is not a number") from None
-    values.update(overrides or {})
-    unknown = set(values) - {spec.name for spec in fields(Config)}
+    """The app's Config: the defaults, the TICKETLOCK_* environment variables, then ``overrides`` by field name
+    (checked as the same value given as text would be)."""
+    settings = {setting.field: setting for setting in SETTINGS if not setting.server}
+    values = _values(list(settings.values()), environ)
+    unknown = set(overrides or {}) - set(values)
     if unknown:
         raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
-    config = replace(Config(), **values)  # type: ignore[arg-type]
-    _check(config)
-    return config
+    for field, value in (overrides or {}).items():
+        values[field] = None if value is None else settings[field].from_text(str(value))
+    return Config(**values)
+
+
+def load_server_settings(environ: Mapping[str, str] = os.environ) -> ServerSettings:
+    """gunicorn's settings, checked against the app's: a waiting buyer must get its 503 before the worker dies."""
+    server = ServerSettings(**_values([setting for setting in SETTINGS if setting.server], environ))
+    longest_wait_s = load_config(environ=environ).lock_timeout_s + MAX_RACE_WINDOW_MS / 1000
+    if longest_wait_s >= server.worker_timeout_s:
+        raise ConfigError(
+            f"TICKETLOCK_WORKER_TIMEOUT={server.worker_timeout_s} must exceed the lock timeout plus the longest "
+            f"race window ({longest_wait_s:g} s), or gunicorn would kill a worker whose buyer is still waiting"
+        )
+    return server
+
+
+def _values(settings: list[Setting], environ: Mapping[str, str]) -> dict[str, Any]:
+    values = {}
+    for setting in settings:
+        given = environ.get(setting.variable, "").strip()
+        values[setting.field] = setting.from_text(given) if given else setting.default_value()
+    return values
+
+
+def configuration_table() -> str:
+    """The README's configuration table, made from ``SETTINGS``."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for setting in SETTINGS:
+        default = setting.shown_default or f"`{setting.default}`"
+        rows.append(f"| `{setting.variable}` | {default} | {setting.meaning} |")
+    return "\n".join(rows)
 
 
 def mask_password(url: str) -> str:
@@ -93,29 +334,5 @@ def mask_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
-def _check(config: Config) -> None:
-    if config.mode not in MODES:
-        raise ConfigError(f"mode must be one of {', '.join(MODES)}, not {config.mode!r} (TICKETLOCK_MODE)")
-    if config.database_url is not None and urlsplit(config.database_url).scheme not in ("postgresql", "postgres"):
-        raise ConfigError(
-            f"TICKETLOCK_DATABASE_URL must start with postgresql://, not {mask_password(config.database_url)!r}"
-        )
-    if not 0 < config.database_timeout_s <= MAX_LOCK_TIMEOUT_S:
-        raise ConfigError(f"database timeout must be more than 0 and at most {MAX_LOCK_TIMEOUT_S} s")
-    if config.pool_size < 1:
-        raise ConfigError("pool size must be at least 1 (TICKETLOCK_POOL_SIZE)")
-    if config.max_attempts < 1:
-        raise ConfigError("max attempts must be at least 1 (TICKETLOCK_MAX_ATTEMPTS)")
-    if not config.host_name.strip():
-        raise ConfigError("host name must not be empty (TICKETLOCK_HOST_NAME)")
-    if not 0 <= config.race_window_ms <= MAX_RACE_WINDOW_MS:
-        raise ConfigError(f"race window must be 0..{MAX_RACE_WINDOW_MS} ms (TICKETLOCK_RACE_WINDOW_MS)")
-    if not 0 <= config.tickets <= MAX_TICKETS:
-        raise ConfigError(f"tickets must be 0..{MAX_TICKETS} (TICKETLOCK_TICKETS)")
-    if not 0 < config.lock_timeout_s <= MAX_LOCK_TIMEOUT_S:
-        raise ConfigError(
-            f"lock timeout must be more than 0 and at most {MAX_LOCK_TIMEOUT_S} s (TICKETLOCK_LOCK_TIMEOUT), "
-            "so that a waiting buyer gets its 503 before gunicorn's 30 s worker timeout kills the worker"
-        )
-    if not config.event.strip():
-        raise ConfigError("event name must not be empty (TICKETLOCK_EVENT)")
+if __name__ == "__main__":
+    print(configuration_table())

@@ -1,4 +1,4 @@
-"""gunicorn settings for the booking service; each one reads a TICKETLOCK_* environment variable first."""
+"""gunicorn settings for the booking service, read from the TICKETLOCK_* variables that service/config.py declares."""
 
 import os
 
@@ -7,41 +7,24 @@ from gunicorn.arbiter import Arbiter
 from gunicorn.workers.base import Worker
 
 from service import prepare_for_start
-from service.config import MAX_RACE_WINDOW_MS, ConfigError, load_config
+from service.config import ConfigError, load_server_settings
 from service.errors import StoreError, write_protocol_error
 
-
-def _whole_number(variable: str, default: int) -> int:
-    text = os.environ.get(variable, str(default))
-    if not text.isdigit() or int(text) < 1:
-        raise SystemExit(f"ticketlock: {variable}={text!r} must be a whole number of at least 1")
-    return int(text)
-
-
-# --- The app (its settings are checked here, so a bad one stops the start with one clear line) -------------
+# --- The app, and gunicorn's own settings (a bad one stops the start with one clear line) -------------------
 wsgi_app = "service:create_app()"
 try:
-    ticketlock_config = load_config()
+    ticketlock = load_server_settings()
 except ConfigError as error:
     raise SystemExit(f"ticketlock: {error}") from None
 
 # --- Where to listen (127.0.0.1 unless you say otherwise; the container sets 0.0.0.0:8000) -------------------
-bind = [os.environ.get("TICKETLOCK_BIND", "127.0.0.1:8000")]
+bind = [ticketlock.bind]
 
 # --- Worker processes: each has its own memory; db.json and its lock are all they share ------------------
-workers = _whole_number("TICKETLOCK_WORKERS", 4)
-worker_class = os.environ.get("TICKETLOCK_WORKER_CLASS", "sync")
-if worker_class not in ("sync", "gthread"):
-    # An event-loop worker (gevent, eventlet) would block all its requests in the lock's kernel wait.
-    raise SystemExit(f"ticketlock: TICKETLOCK_WORKER_CLASS={worker_class!r}: use sync or gthread (service/locks.py)")
-threads = _whole_number("TICKETLOCK_THREADS", 1)  # per worker, with the gthread worker class
-timeout = _whole_number("TICKETLOCK_WORKER_TIMEOUT", 30)
-if ticketlock_config.lock_timeout_s + MAX_RACE_WINDOW_MS / 1000 >= timeout:
-    # gunicorn kills a worker silent for `timeout` s: a buyer must get its 503 before that.
-    raise SystemExit(
-        f"ticketlock: TICKETLOCK_WORKER_TIMEOUT={timeout} must exceed the lock timeout "
-        f"({ticketlock_config.lock_timeout_s:g} s) plus the longest race window ({MAX_RACE_WINDOW_MS / 1000:g} s)"
-    )
+workers = ticketlock.workers
+worker_class = ticketlock.worker_class
+threads = ticketlock.threads  # per worker, with the gthread worker class
+timeout = ticketlock.worker_timeout_s  # gunicorn kills a worker silent this long: a waiting buyer gets its 503 first
 graceful_timeout = 10
 control_socket_disable = True  # gunicorn's control socket is one path per user: several servers would collide
 
@@ -50,10 +33,8 @@ control_socket_disable = True  # gunicorn's control socket is one path per user:
 gunicorn.util.write_error = write_protocol_error
 
 # --- Logging -----------------------------------------------------------------------------------------------
-loglevel = os.environ.get("TICKETLOCK_LOG_LEVEL", "info")
-if loglevel not in ("debug", "info", "warning", "error", "critical"):
-    raise SystemExit(f"ticketlock: TICKETLOCK_LOG_LEVEL={loglevel!r}: use debug, info, warning, error or critical")
-accesslog = os.environ.get("TICKETLOCK_ACCESS_LOG") or None
+loglevel = ticketlock.log_level
+accesslog = ticketlock.access_log
 
 
 # --- Hooks ---------------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """The purchase modes: one table saying, for each mode, what guards the four steps and how they read and write.
 
 Every purchase runs the same read -> check -> work -> write (``service/purchase.py``). A mode changes only
-what surrounds those steps (its guard), how the read reads and how the write writes. A store runs a mode when
-it supports each of those choices (``Store.supports``); the routes, the load tester, the OpenAPI document and
-the README all read this table.
+what surrounds those steps (its guard, one class per mechanism in ``service/guards/``), how the read reads and
+how the write writes. A store runs a mode when it declares everything the mode needs among its features
+(``Store.supports``); the routes, the load tester, the OpenAPI document and the README all read this table.
 
 What a mode *protects* decides whether it can be oversold: a lock of one worker process keeps apart only the
 threads of that process, the file lock only the processes of one host, and the database's mutexes every host
@@ -15,21 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 
-
-class Guard(Enum):
-    """What is held around the four steps."""
-
-    NONE = "nothing"
-    THREAD_LOCK = "a threading.Lock of the worker process"
-    FILE_LOCK = "the host's file lock (flock on <TICKETLOCK_DB>.lock)"
-    ADVISORY_LOCK = "a PostgreSQL advisory lock (pg_advisory_xact_lock)"
+from service.guards import AdvisoryLock, Guard, HostFileLock, Nothing, RowLock, ThreadLock
+from service.guards.base import Ability
 
 
 class Read(Enum):
     """How step 1 reads the count."""
 
     PLAIN = "the count"
-    FOR_UPDATE = "the count, locking its row until commit (SELECT ... FOR UPDATE)"
     MEMORY = "the worker process's own copy of the count, loaded from the store after each reset"
 
 
@@ -63,6 +56,9 @@ class Reach(IntEnum):
         return self.name.lower().replace("_", " ")
 
 
+Feature = Ability | Read | Write | Isolation  # what a store may declare it can do
+
+
 @dataclass(frozen=True)
 class Mode:
     """One row of the table: a mode's guard, read, write and isolation, what it protects, and its lesson."""
@@ -80,9 +76,9 @@ class Mode:
         """Whether a conflicting write makes the purchase start again (optimistic writes, repeatable read)."""
         return self.write is Write.IF_VERSION or self.isolation is Isolation.REPEATABLE_READ
 
-    def parts(self) -> frozenset[Guard | Read | Write | Isolation]:
-        """The choices a store must support to run this mode."""
-        return frozenset({self.guard, self.read, self.write, self.isolation})
+    def needs(self) -> frozenset[Feature]:
+        """What a store must declare among its features to run this mode."""
+        return self.guard.needs | {self.read, self.write, self.isolation}
 
     def holds_for(self, hosts: int, processes: int) -> bool:
         """Whether this mode keeps every buyer apart when ``processes`` worker processes on ``hosts`` hosts sell."""
@@ -94,7 +90,7 @@ class Mode:
         return {
             "name": self.name,
             "protects": self.protects.label,
-            "guard": self.guard.value,
+            "guard": self.guard.description,
             "read": self.read.value,
             "write": self.write.value,
             "isolation": self.isolation.value,
@@ -105,7 +101,7 @@ class Mode:
 TABLE = (
     Mode(
         "unlocked",
-        Guard.NONE,
+        Nothing(),
         Read.PLAIN,
         Write.BLIND,
         Reach.NOTHING,
@@ -113,7 +109,7 @@ TABLE = (
     ),
     Mode(
         "locked",
-        Guard.FILE_LOCK,
+        HostFileLock(),
         Read.PLAIN,
         Write.BLIND,
         Reach.ONE_HOST,
@@ -121,7 +117,7 @@ TABLE = (
     ),
     Mode(
         "thread-lock",
-        Guard.THREAD_LOCK,
+        ThreadLock(),
         Read.PLAIN,
         Write.BLIND,
         Reach.ONE_PROCESS,
@@ -129,7 +125,7 @@ TABLE = (
     ),
     Mode(
         "memory",
-        Guard.NONE,
+        Nothing(),
         Read.MEMORY,
         Write.MEMORY,
         Reach.NOTHING,
@@ -138,7 +134,7 @@ TABLE = (
     ),
     Mode(
         "optimistic",
-        Guard.NONE,
+        Nothing(),
         Read.PLAIN,
         Write.IF_VERSION,
         Reach.EVERY_HOST,
@@ -146,15 +142,15 @@ TABLE = (
     ),
     Mode(
         "row-lock",
-        Guard.NONE,
-        Read.FOR_UPDATE,
+        RowLock(),
+        Read.PLAIN,
         Write.BLIND,
         Reach.EVERY_HOST,
         "SELECT ... FOR UPDATE locks the inventory row until commit, and every host waits for it",
     ),
     Mode(
         "advisory-lock",
-        Guard.ADVISORY_LOCK,
+        AdvisoryLock(),
         Read.PLAIN,
         Write.BLIND,
         Reach.EVERY_HOST,
@@ -162,7 +158,7 @@ TABLE = (
     ),
     Mode(
         "atomic",
-        Guard.NONE,
+        Nothing(),
         Read.PLAIN,
         Write.CONDITIONAL,
         Reach.EVERY_HOST,
@@ -170,7 +166,7 @@ TABLE = (
     ),
     Mode(
         "repeatable-read",
-        Guard.NONE,
+        Nothing(),
         Read.PLAIN,
         Write.BLIND,
         Reach.EVERY_HOST,
@@ -181,3 +177,4 @@ TABLE = (
 )
 
 MODES: dict[str, Mode] = {mode.name: mode for mode in TABLE}
+FIRST_LESSON = ("unlocked", "locked")  # the race and its cure: what `make demo` runs on one host

@@ -1,10 +1,11 @@
 """The critical section: how one purchase reads, checks, works and writes, in whichever mode is in force.
 
-The four steps are written once, in ``purchase``. The mode in force (``service/modes.py``) chooses what the
-store holds around them (its guard), how step 1 reads and how step 4 writes; the store (``service/stores/``)
-carries out those choices. A write that finds the count changed since the read (the optimistic version check,
-a repeatable-read serialization failure) raises Conflict, and the purchase starts again afresh, in a new
-transaction, a bounded number of times with jitter; the order records how many attempts it took.
+The four steps are written once, in ``purchase``. The mode in force (``service/modes.py``) chooses what is held
+around them (its guard, ``service/guards/``), how step 1 reads and how step 4 writes; the store
+(``service/stores/``) carries out those choices. A write that finds the count changed since the read (the
+optimistic version check, a repeatable-read serialization failure) raises Conflict, and the purchase starts
+again afresh, in a new transaction, a bounded number of times with jitter; the order records how many attempts
+it took.
 """
 
 from __future__ import annotations
@@ -76,11 +77,14 @@ def _attempt(store: Store, request: PurchaseRequest, config: Config, attempt: in
     settings = store.read_settings()
     mode = MODES[settings.mode]
     replayed = False
-    with store.transaction(mode) as transaction:  # the mode's guard, held around the four steps
-        if idempotent and (earlier := transaction.find_replay(idempotent)):
+    with (
+        store.begin_sale(mode) as sale,  # the store's own hold against resets and mode switches
+        mode.guard.held(sale, config.lock_timeout_s) as holding,  # the mode's guard, around the four steps
+    ):
+        if idempotent and (earlier := sale.find_replay(idempotent)):
             order, replayed = earlier, True
         else:
-            inventory = transaction.read(mode.read)  # 1. read
+            inventory = sale.read(mode.read, holding)  # 1. read
             read_at = time.time()
 
             if inventory.remaining < request.quantity:  # 2. check
@@ -90,10 +94,10 @@ def _attempt(store: Store, request: PurchaseRequest, config: Config, attempt: in
                 time.sleep(settings.race_window_ms / 1000)  # 3. work (the race window)
 
             order = _new_order(request, mode, inventory, store, config, attempt, started_at, read_at)
-            order = transaction.write(mode.write, inventory, order, idempotent)  # 4. write
+            order = sale.write(mode.write, inventory, order, idempotent, holding)  # 4. write
 
     # Durable before the 201, but flushed after the guard is released, so that buyers queue behind the guard
-    # and not behind the disk (README, "Durability").
+    # and not behind the disk (docs/file-store.md, "Durability").
     store.make_durable(order, idempotent)
     return Purchase(order, replayed)
 

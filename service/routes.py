@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from importlib import resources
 from typing import Any
 
@@ -16,7 +16,7 @@ from service.config import Config
 from service.errors import OrderNotFound, Unauthorized
 from service.modes import TABLE, Mode
 from service.purchase import purchase
-from service.stores import Inventory, PurchaseSettings, Store
+from service.stores import Inventory, RuntimeSettings, Store
 
 bp = Blueprint("booking", __name__)
 
@@ -28,17 +28,16 @@ CONTENT_SECURITY_POLICY = (
 )
 
 
-@dataclass(frozen=True)
-class Booking:
-    """What the routes share, kept in ``app.extensions["ticketlock"]``: the configuration and the store."""
-
-    config: Config
-    store: Store
+def _config() -> Config:
+    """The app's configuration (``create_app`` keeps it in ``app.extensions``)."""
+    config: Config = current_app.extensions["ticketlock.config"]
+    return config
 
 
-def _booking() -> Booking:
-    booking: Booking = current_app.extensions["ticketlock"]
-    return booking
+def _store() -> Store:
+    """The app's store: this worker's own, reaching its files or its database on first use."""
+    store: Store = current_app.extensions["ticketlock.store"]
+    return store
 
 
 @bp.get("/")
@@ -58,7 +57,7 @@ def security_headers(response: Response) -> Response:
 @bp.get("/health")
 def health() -> Response:
     """GET /health -> 200 {"status": "ok"}; 503 store_unavailable while the database cannot be reached."""
-    _booking().store.check()
+    _store().check()
     return jsonify(status="ok")
 
 
@@ -66,7 +65,7 @@ def health() -> Response:
 def tickets() -> Response:
     """GET /tickets -> 200 {"event", "total", "remaining", "sold", "mode", "race_window_ms", "worker_pid", "host",
     "store"}."""
-    store = _booking().store
+    store = _store()
     return jsonify(_tickets_view(store.read_inventory(), store.read_settings()))
 
 
@@ -77,11 +76,10 @@ def create_order() -> tuple[Response, int, dict[str, str]]:
     Errors: 400 bad body, 409 sold_out, 422 Idempotency-Key reused with another body, 500 store trouble,
     503 lock_timeout, too_many_conflicts, store_unavailable or outcome_unknown.
     """
-    booking = _booking()
     purchase_request = validation.order_request(
         validation.json_object(request, required=True), request.headers.get("Idempotency-Key")
     )
-    done = purchase(booking.store, purchase_request, booking.config)
+    done = purchase(_store(), purchase_request, _config())
     headers = {"Location": f"/orders/{done.order['order_id']}"}
     if done.replayed:
         return jsonify(done.order), 200, {**headers, "Idempotent-Replayed": "true"}
@@ -95,7 +93,7 @@ def list_orders() -> Response:
     GET /orders?after=<cursor>&limit=100 -> 200 {"cursor", "reset", "orders"}: the orders recorded after the
     cursor of an earlier answer ("" for the first), for a live view. 400 invalid_paging or invalid_cursor.
     """
-    store = _booking().store
+    store = _store()
     if "after" in request.args:
         cursor, limit = validation.feed(request.args)
         return jsonify(asdict(store.feed(cursor, limit)))
@@ -107,7 +105,7 @@ def list_orders() -> Response:
 @bp.get("/orders/<order_id>")
 def get_order(order_id: str) -> Response:
     """GET /orders/<order_id> -> 200 the order; 404 order_not_found."""
-    order = _booking().store.find_order(order_id)
+    order = _store().find_order(order_id)
     if order is None:
         raise OrderNotFound(f"No order {order_id[:64]!r}. GET /orders lists them.")
     return jsonify(order)
@@ -116,13 +114,13 @@ def get_order(order_id: str) -> Response:
 @bp.get("/mode")
 def get_mode() -> Response:
     """GET /mode -> 200 {"mode", "race_window_ms"}."""
-    return jsonify(asdict(_booking().store.read_settings()))
+    return jsonify(asdict(_store().read_settings()))
 
 
 @bp.get("/modes")
 def list_modes() -> Response:
     """GET /modes -> 200 {"mode", "store", "modes": [{"name", "protects", "guard", ..., "available"}]}."""
-    store = _booking().store
+    store = _store()
     available = store.modes()
     modes = [{**mode.describe(), "available": mode in available} for mode in TABLE]
     return jsonify(mode=store.read_settings().mode, store=store.kind, modes=modes)
@@ -134,10 +132,10 @@ def put_mode() -> Response:
 
     400 unknown_mode, or mode_not_available for a mode this store cannot run (both list the modes it can); 401.
     """
-    booking = _booking()
-    _require_admin(booking.config)
-    change = validation.settings_change(validation.json_object(request, required=True), booking.store.modes())
-    settings = booking.store.change_settings(change)
+    store = _store()
+    _require_admin(_config())
+    change = validation.settings_change(validation.json_object(request, required=True), store.modes())
+    settings = store.change_settings(change)
     current_app.logger.info("purchase settings now %s", settings)
     return jsonify(asdict(settings))
 
@@ -145,18 +143,18 @@ def put_mode() -> Response:
 @bp.post("/reset")
 def reset() -> Response:
     """POST /reset {"tickets"?, "event"?} -> 200 the fresh state: count restored, all orders cleared. 400; 401."""
-    booking = _booking()
-    _require_admin(booking.config)
+    store = _store()
+    _require_admin(_config())
     tickets, event = validation.reset_request(validation.json_object(request, required=False))
-    fresh = booking.store.reset(tickets, event)
+    fresh = store.reset(tickets, event)
     current_app.logger.info("store reset: %s", fresh)
-    return jsonify(_tickets_view(fresh, booking.store.read_settings()))
+    return jsonify(_tickets_view(fresh, store.read_settings()))
 
 
 @bp.get("/openapi.json")
 def openapi() -> Response:
     """GET /openapi.json -> 200 the OpenAPI 3 description of this API, its modes taken from the modes table."""
-    return jsonify(openapi_document(_booking().store.modes()))
+    return jsonify(openapi_document(_store().modes()))
 
 
 def openapi_document(available: list[Mode]) -> dict[str, Any]:
@@ -169,8 +167,7 @@ def openapi_document(available: list[Mode]) -> dict[str, Any]:
     return document
 
 
-def _tickets_view(inventory: Inventory, settings: PurchaseSettings) -> dict[str, Any]:
-    booking = _booking()
+def _tickets_view(inventory: Inventory, settings: RuntimeSettings) -> dict[str, Any]:
     return {
         "event": inventory.event,
         "total": inventory.total,
@@ -179,8 +176,8 @@ def _tickets_view(inventory: Inventory, settings: PurchaseSettings) -> dict[str,
         "mode": settings.mode,
         "race_window_ms": settings.race_window_ms,
         "worker_pid": os.getpid(),
-        "host": booking.config.host_name,
-        "store": booking.store.kind,
+        "host": _config().host_name,
+        "store": _store().kind,
     }
 
 

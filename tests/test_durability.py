@@ -14,14 +14,14 @@ import pytest
 from loadtest.embedded import EmbeddedService
 from service.config import load_config
 from service.purchase import PurchaseRequest, purchase
-from service.stores import file as file_store
-from service.stores.file import FileStore
+from service.stores.file import FileStore, atomic
+from service.stores.file.journal import FLUSHED
 from tests.conftest import Api, buy_together, read_db
 
 
 def flushed(directory: Path) -> tuple[int, int]:
     """(journal inode, bytes on disk) as the flush lock file records them."""
-    inode, size = file_store.FLUSHED.unpack((directory / "db.json.orders.flushed").read_bytes())
+    inode, size = FLUSHED.unpack((directory / "db.json.orders.flushed").read_bytes())
     return inode, size
 
 
@@ -74,7 +74,7 @@ def test_where_names_cannot_be_exchanged_the_file_is_renamed_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Some filesystems and C libraries have no renameat2(RENAME_EXCHANGE): os.replace does the same job there.
-    monkeypatch.setattr(file_store, "_renameat2", None)
+    monkeypatch.setattr(atomic, "_renameat2", None)
     store = FileStore(load_config({"db_path": tmp_path / "db.json", "tickets": 5, "race_window_ms": 0}))
     store.prepare()
     purchase(store, PurchaseRequest("ana", 2), store.config)

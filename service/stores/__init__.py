@@ -1,20 +1,44 @@
-"""The stores: where the booking data lives. ``open_store`` is the one place that picks one."""
+"""The stores: where the booking data lives. ``open_store`` is the one place that picks one, by the URL's scheme."""
 
 from __future__ import annotations
 
-from service.config import Config
-from service.stores.base import Feed, IdempotentRequest, Inventory, Order, PurchaseSettings, Store
+from urllib.parse import urlsplit
+
+from service.config import Config, ConfigError
+from service.stores.base import Feed, IdempotentRequest, Inventory, Order, RuntimeSettings, Store
 from service.stores.file import FileStore
 from service.stores.postgres import PostgresStore
 
-__all__ = ["Feed", "IdempotentRequest", "Inventory", "Order", "PurchaseSettings", "Store", "open_store"]
+__all__ = [
+    "BY_SCHEME",
+    "DEFAULT_STORE",
+    "STORES",
+    "Feed",
+    "IdempotentRequest",
+    "Inventory",
+    "Order",
+    "RuntimeSettings",
+    "Store",
+    "open_store",
+]
+
+DEFAULT_STORE: type[Store] = FileStore  # without TICKETLOCK_DATABASE_URL: db.json on this host
+BY_SCHEME: dict[str, type[Store]] = {"postgresql": PostgresStore, "postgres": PostgresStore}
+STORES: tuple[type[Store], ...] = (FileStore, PostgresStore)  # every store, in the order the docs list them
 
 
 def open_store(config: Config) -> Store:
-    """The PostgreSQL store when ``TICKETLOCK_DATABASE_URL`` is set, else the db.json file store.
+    """The store ``TICKETLOCK_DATABASE_URL``'s scheme names (``postgresql://``), or the file store without one.
 
     Opening connects nothing: a store reaches its files or its database on first use, in the worker.
     """
-    if config.database_url:
-        return PostgresStore(config)
-    return FileStore(config)
+    if not config.database_url:
+        return DEFAULT_STORE(config)
+    scheme = urlsplit(config.database_url).scheme
+    store = BY_SCHEME.get(scheme)
+    if store is None:
+        known = ", ".join(f"{name}://" for name in BY_SCHEME)
+        raise ConfigError(
+            f"TICKETLOCK_DATABASE_URL={config.masked_database_url!r}: no store opens {scheme}:// URLs; use {known}"
+        )
+    return store(config)

@@ -1,9 +1,10 @@
-"""What every store offers, whatever keeps the data: the inventory, the settings, the orders, and transactions.
+"""What every store offers, whatever keeps the data: the inventory, the settings, the orders, and sales.
 
-A store is one module behind this interface (``file.py`` for db.json, ``postgres.py`` for PostgreSQL). It
-declares which choices of the modes table it can run (``features``); nothing outside it opens its files or
-its connections. ``Transaction`` is where a mode's read and write happen, inside the guard the store holds
-for that mode.
+A store is one module behind this interface (``file/`` for db.json, ``postgres.py`` for PostgreSQL). As a
+Django database backend does, it declares what it can do (``features``: abilities its guards may ask for, and
+the modes' reads, writes and isolations), and runs every mode that needs nothing more; nothing outside it opens
+its files or its connections. A ``Sale`` is one purchase in progress: where a mode's read and write happen, and
+what the mode's guard asks of the store.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
 from service.config import Config, ConfigError
-from service.modes import MODES, TABLE, Guard, Isolation, Mode, Read, Write
+from service.guards import GuardedSale, Holding
+from service.modes import MODES, TABLE, Feature, Mode, Read, Write
 
 Order = dict[str, Any]
-Feature = Guard | Read | Write | Isolation
 
 
 @dataclass(frozen=True)
@@ -44,19 +46,19 @@ class Inventory:
 
 
 @dataclass(frozen=True)
-class PurchaseSettings:
-    """How purchases run, switchable at run time: the mode and the simulated work between read and write."""
+class RuntimeSettings:
+    """What every worker of every host sells with, switchable at run time: the mode and the race window."""
 
     mode: str
     race_window_ms: int
 
     @classmethod
-    def configured(cls, config: Config) -> PurchaseSettings:
+    def configured(cls, config: Config) -> RuntimeSettings:
         """The settings the configuration starts a new store with."""
         return cls(mode=config.mode, race_window_ms=config.race_window_ms)
 
 
-def settings_with(current: PurchaseSettings, change: Mapping[str, Any]) -> PurchaseSettings:
+def settings_with(current: RuntimeSettings, change: Mapping[str, Any]) -> RuntimeSettings:
     """``current`` with the fields of a ``PUT /mode`` body applied."""
     return replace(current, **change)
 
@@ -95,32 +97,51 @@ class Conflict(Exception):
     """The write found the inventory changed since the read; the purchase starts again (never sent to a client)."""
 
 
-class Transaction(ABC):
-    """Where one purchase reads and writes, inside the guard its store holds for the purchase's mode."""
+class Sale(GuardedSale, ABC):
+    """One purchase in progress in a store: its read and write, and what its guard may ask of the store.
 
-    def __init__(self, store_identity: str) -> None:
-        self.store_identity = store_identity
+    A store offers only the abilities it declares: the others raise NotImplementedError, and ``Store.supports``
+    keeps the modes that would ask for them away.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @property
+    def host_lock_path(self) -> Path:
+        return self.store.config.lock_path
+
+    def take_advisory_lock(self) -> None:
+        raise NotImplementedError(f"the {self.store.kind} store has no advisory locks")
+
+    def lock_inventory_row(self) -> None:
+        raise NotImplementedError(f"the {self.store.kind} store has no row locks")
 
     @abstractmethod
     def find_replay(self, request: IdempotentRequest) -> Order | None:
         """The order an earlier request with this Idempotency-Key produced, or None (IdempotencyKeyReused if the
         key came with another body)."""
 
-    def read(self, how: Read) -> Inventory:
+    def read(self, how: Read, holding: Holding) -> Inventory:
         """Step 1: the count as ``how`` reads it."""
         if how is Read.MEMORY:
-            return _worker_copy(self.store_identity, self.read_stored(Read.PLAIN))
+            return _worker_copy(self.store.identity, self.read_stored(Read.PLAIN))
         return self.read_stored(how)
 
-    def write(self, how: Write, before: Inventory, order: Order, request: IdempotentRequest | None) -> Order:
-        """Step 4: write the sale as ``how`` writes it and record ``order``; the order as recorded comes back."""
+    def write(
+        self, how: Write, before: Inventory, order: Order, request: IdempotentRequest | None, holding: Holding
+    ) -> Order:
+        """Step 4: write the sale as ``how`` writes it and record ``order``; the order as recorded comes back.
+
+        A store with transactions commits here, inside the guard, so the next buyer the guard lets in sees it.
+        """
         if how is Write.MEMORY:
-            _spend_worker_copy(self.store_identity, before, order["quantity"])
+            _spend_worker_copy(self.store.identity, before, order["quantity"])
         return self.write_stored(how, before, order, request)
 
     @abstractmethod
     def read_stored(self, how: Read) -> Inventory:
-        """Read the store's own count (``Read.PLAIN`` or ``Read.FOR_UPDATE``)."""
+        """Read the store's own count."""
 
     @abstractmethod
     def write_stored(self, how: Write, before: Inventory, order: Order, request: IdempotentRequest | None) -> Order:
@@ -130,7 +151,7 @@ class Transaction(ABC):
 class Store(ABC):
     """The booking data of one service, behind the same operations whatever keeps it."""
 
-    kind: ClassVar[str]
+    kind: ClassVar[str]  # the name answers and orders give the store
     features: ClassVar[frozenset[Feature]]
 
     def __init__(self, config: Config) -> None:
@@ -141,10 +162,15 @@ class Store(ABC):
                 f"the {self.kind} store cannot run the {config.mode!r} mode (TICKETLOCK_MODE): use {names}"
             )
 
+    @property
+    @abstractmethod
+    def identity(self) -> str:
+        """Which data this store keeps (its file, or its database): the same on every worker of every host."""
+
     @classmethod
     def supports(cls, mode: Mode) -> bool:
-        """Whether this store can run ``mode``: its guard, read, write and isolation are all features."""
-        return mode.parts() <= cls.features
+        """Whether this store can run ``mode``: it declares everything the mode needs."""
+        return mode.needs() <= cls.features
 
     @classmethod
     def modes(cls) -> list[Mode]:
@@ -164,11 +190,11 @@ class Store(ABC):
     # --- Settings ----------------------------------------------------------------------------------------------
 
     @abstractmethod
-    def read_settings(self) -> PurchaseSettings:
+    def read_settings(self) -> RuntimeSettings:
         """The mode and race window every worker of every host sells with."""
 
     @abstractmethod
-    def change_settings(self, change: Mapping[str, Any]) -> PurchaseSettings:
+    def change_settings(self, change: Mapping[str, Any]) -> RuntimeSettings:
         """Apply ``{"mode"?, "race_window_ms"?}`` for every worker; a purchase never undoes it."""
 
     # --- Inventory and orders ----------------------------------------------------------------------------------
@@ -197,11 +223,11 @@ class Store(ABC):
     # --- Purchases ---------------------------------------------------------------------------------------------
 
     @abstractmethod
-    def transaction(self, mode: Mode) -> AbstractContextManager[Transaction]:
-        """Hold ``mode``'s guard (and the store's own hold against resets and mode switches) around a purchase.
+    def begin_sale(self, mode: Mode) -> AbstractContextManager[Sale]:
+        """A sale in ``mode``, inside the store's own hold against resets and mode switches; done when it ends.
 
-        Raises LockTimeout when the guard stays busy past the lock timeout, Conflict when the mode changed before
-        the guard was held, StoreUnavailable when the store cannot be reached.
+        Raises LockTimeout when that hold stays busy past the lock timeout, Conflict when the mode changed before
+        the hold was granted, StoreUnavailable when the store cannot be reached.
         """
 
     def make_durable(self, order: Order, request: IdempotentRequest | None) -> None:  # noqa: B027 - optional hook

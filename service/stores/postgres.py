@@ -1,20 +1,17 @@
 """The PostgreSQL store: the inventory, orders, idempotency keys and settings in one database every host shares.
 
-Chosen by ``TICKETLOCK_DATABASE_URL``. Each worker process opens its own connection pool on first use, after
-gunicorn forked it (a pool made in the master would hand every worker the same sockets). Plain SQL, one
-short named statement per step, parameters always bound.
+Chosen by a ``postgresql://`` URL in ``TICKETLOCK_DATABASE_URL``. Each worker process opens its own connection
+pool on first use, after gunicorn forked it (a pool made in the master would hand every worker the same
+sockets). Plain SQL, one short named statement per step, parameters always bound.
 
-A purchase is one transaction: BEGIN, the hold against mode switches, the mode's guard, read, work, write,
-record the order, COMMIT; the 201 goes out only after the commit. Its guards:
+A sale is one transaction: BEGIN, the hold against mode switches, the mode's guard, read, work, write,
+record the order, COMMIT; the 201 goes out only after the commit. Every sale holds a *shared* advisory lock,
+and ``PUT /mode`` and ``POST /reset`` take it *exclusively*: a switch waits for the sales in flight, and a sale
+that began before a switch finds out (the mode it reads under the hold is not its own) and starts again in the
+new mode. No straggler of an unsafe mode can write after a safe mode took over.
 
-- every purchase holds a *shared* advisory lock, and ``PUT /mode`` and ``POST /reset`` take it *exclusively*:
-  a switch waits for the purchases in flight, and a purchase that began before a switch finds out (the mode it
-  reads under the hold is not its own) and starts again in the new mode. No straggler of an unsafe mode can
-  write after a safe mode took over.
-- ``row-lock`` reads with ``FOR UPDATE``; ``advisory-lock`` takes an exclusive advisory lock; ``atomic``
-  decrements with one conditional UPDATE; ``optimistic`` writes only if the version is unchanged;
-  ``repeatable-read`` lets the database refuse the lost update; ``locked`` holds the host's file lock, which
-  excludes only the workers of this host.
+The database's guards (``service/guards/``) ask the sale for its advisory lock or its row lock; the sale sends
+that statement together with the read, in one round trip.
 
 Every wait is bounded: ``lock_timeout`` and ``statement_timeout`` end a purchase that waited too long for a
 lock (503 lock_timeout, nothing sold) and ``idle_in_transaction_session_timeout`` ends the transaction of a
@@ -30,7 +27,7 @@ import math
 import os
 import select
 from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import psycopg
@@ -47,25 +44,22 @@ from service.errors import (
     StoreDamaged,
     StoreUnavailable,
 )
-from service.locks import holding, thread_guard
-from service.modes import Guard, Isolation, Mode, Read, Write
+from service.guards import NOTHING_SOLD, Ability
+from service.modes import Feature, Isolation, Mode, Read, Write
 from service.stores.base import (
     Conflict,
-    Feature,
     Feed,
     IdempotentRequest,
     Inventory,
     Order,
-    PurchaseSettings,
+    RuntimeSettings,
+    Sale,
     Store,
-    Transaction,
     settings_with,
     stamp_written,
 )
 
 log = logging.getLogger(__name__)
-
-NOTHING_SOLD = "nothing was sold"
 
 # Advisory locks are named by two integers: ticketlock's own class, then one number per mutex.
 LOCK_CLASS = 0x746B6C6B  # "tklk"
@@ -130,7 +124,7 @@ START = {isolation: f"{begin}; {HOLD_AGAINST_SWITCHES}; {MODE_IN_FORCE}" for iso
 TAKE_ADVISORY_LOCK = f"SELECT pg_advisory_xact_lock({LOCK_CLASS}, {INVENTORY_LOCK})"
 
 READ = "SELECT event, total, remaining, version FROM inventory WHERE id = 1"
-READ_FOR_UPDATE = READ + " FOR UPDATE"
+LOCK_ROW = "SELECT 1 FROM inventory WHERE id = 1 FOR UPDATE"
 
 WRITE_BLIND = "UPDATE inventory SET remaining = %(remaining)s, version = version + 1 WHERE id = 1"
 WRITE_IF_VERSION = WRITE_BLIND + " AND version = %(version)s"
@@ -139,9 +133,8 @@ UPDATE inventory SET remaining = remaining - %(quantity)s, version = version + 1
 WHERE id = 1 AND remaining >= %(quantity)s
 RETURNING remaining"""
 # Every order is inserted while its transaction holds the inventory row's lock (each write above takes it, and
-# the memory mode, which writes no count, takes it here): orders therefore commit in the order of their seq,
+# the memory mode, which writes no count, takes it with LOCK_ROW): orders therefore commit in the order of their seq,
 # and a live view that asks for "the orders after seq N" never skips one that commits late.
-LOCK_ROW_TO_RECORD = "SELECT 1 FROM inventory WHERE id = 1 FOR UPDATE"
 INSERT_ORDER = """
 INSERT INTO orders (order_id, buyer, quantity, remaining, mode, attempts, worker_pid, host,
                     started_at, read_at, wrote_at)
@@ -186,7 +179,7 @@ class PostgresStore(Store):
     """The booking data in PostgreSQL, shared by every host; one connection pool per worker process."""
 
     kind = "postgres"
-    features: ClassVar[frozenset[Feature]] = frozenset({*Guard, *Read, *Write, *Isolation})
+    features: ClassVar[frozenset[Feature]] = frozenset({*Ability, *Read, *Write, *Isolation})
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -199,9 +192,10 @@ class PostgresStore(Store):
             "autocommit": True,  # transactions are the explicit BEGIN ... COMMIT of each operation
             "connect_timeout": max(2, math.ceil(config.database_timeout_s)),  # libpq's minimum is 2 s
             "application_name": f"ticketlock {config.host_name} master",
+            # A sale may wait for a guard of the host (the file lock, the thread lock) inside its transaction.
             "options": (
                 f"-c lock_timeout={lock_ms} -c statement_timeout={lock_ms + 1000} "
-                f"-c idle_in_transaction_session_timeout={MAX_RACE_WINDOW_MS + 5000}"
+                f"-c idle_in_transaction_session_timeout={lock_ms + MAX_RACE_WINDOW_MS + 5000}"
             ),
         }
 
@@ -219,7 +213,7 @@ class PostgresStore(Store):
         with connection.transaction():
             connection.execute(CREATE_TABLES)
             connection.execute(CREATE_INVENTORY, {"event": self.config.event, "total": self.config.tickets})
-            connection.execute(CREATE_SETTINGS, vars(PurchaseSettings.configured(self.config)))
+            connection.execute(CREATE_SETTINGS, vars(RuntimeSettings.configured(self.config)))
 
     def check(self) -> None:
         """A round trip to the database."""
@@ -276,18 +270,22 @@ class PostgresStore(Store):
 
     # --- Settings -------------------------------------------------------------------------------------------------
 
-    def read_settings(self) -> PurchaseSettings:
+    @property
+    def identity(self) -> str:
+        return self.url
+
+    def read_settings(self) -> RuntimeSettings:
         with self._connection() as connection:
             row = connection.execute(READ_SETTINGS).fetchone()
         return self._settings(row)
 
-    def _settings(self, row: Any) -> PurchaseSettings:
+    def _settings(self, row: Any) -> RuntimeSettings:
         mode, window = row if row else (None, None)
         if mode not in {mode.name for mode in self.modes()} or not isinstance(window, int):
             raise StoreDamaged(f"The settings row of {self.config.masked_database_url} is missing or unknown.")
-        return PurchaseSettings(mode=mode, race_window_ms=window)
+        return RuntimeSettings(mode=mode, race_window_ms=window)
 
-    def change_settings(self, change: Mapping[str, Any]) -> PurchaseSettings:
+    def change_settings(self, change: Mapping[str, Any]) -> RuntimeSettings:
         """Wait for every purchase in flight, on every host, then switch."""
         with self._connection() as connection, connection.transaction():
             connection.execute(TAKE_SWITCH_LOCK)
@@ -336,53 +334,54 @@ class PostgresStore(Store):
             row = connection.execute(FIND_ORDER, (order_id,)).fetchone()
         return _order(row) if row else None
 
-    # --- Purchases --------------------------------------------------------------------------------------------
+    # --- Sales --------------------------------------------------------------------------------------------------
 
     @contextmanager
-    def transaction(self, mode: Mode) -> Iterator[Transaction]:
-        """BEGIN, the hold against switches, the mode's guard; COMMIT when the purchase is done."""
-        with (
-            thread_guard(mode.guard, self.config.lock_timeout_s, NOTHING_SOLD),
-            self._host_lock(mode),
-            self._connection() as connection,
-        ):
-            steps = PostgresTransaction(self, connection)
+    def begin_sale(self, mode: Mode) -> Iterator[Sale]:
+        """BEGIN, the hold against switches, and a check that ``mode`` is still in force.
+
+        The sale's write commits, inside the mode's guard: a guard of the host (the file lock, the thread lock)
+        lets the next buyer read only once this sale's count is visible. A sale that ends without writing (sold
+        out, a replayed key, an error) rolls back.
+        """
+        with self._connection() as connection:
+            sale = PostgresSale(self, connection)
             try:
                 in_force = _last_row(connection, START[mode.isolation])
                 if not in_force or in_force[0] != mode.name:
                     raise Conflict(f"the mode changed to {in_force[0] if in_force else None!r}")
-                if mode.guard is Guard.ADVISORY_LOCK:
-                    connection.execute(TAKE_ADVISORY_LOCK)
-                yield steps
-            except BaseException:
-                if not connection.broken:
+                yield sale
+            finally:
+                if not sale.ended and not connection.broken:
                     connection.execute(ROLLBACK)
-                raise
-            try:
-                connection.execute(COMMIT)
-            except psycopg.OperationalError as error:
-                if not connection.broken:
-                    raise  # the database refused the commit: nothing was written
-                raise OutcomeUnknown(
-                    f"The connection broke while order {steps.order_id} was being committed ({error}): it may "
-                    f"or may not stand. GET /orders/{steps.order_id} tells."
-                ) from None
-
-    def _host_lock(self, mode: Mode) -> AbstractContextManager[object]:
-        if mode.guard is Guard.FILE_LOCK:
-            return holding(self.config.lock_path, self.config.lock_timeout_s, NOTHING_SOLD)
-        return nullcontext()
 
 
-class PostgresTransaction(Transaction):
-    """A purchase's statements, inside the transaction ``PostgresStore.transaction`` began."""
+class PostgresSale(Sale):
+    """A sale's statements, inside the transaction ``PostgresStore.begin_sale`` began.
+
+    A guard's statement (the advisory lock, the row lock) waits for the sale's next statement and goes with it
+    in one round trip: the guard is held from that statement on, before the read.
+    """
 
     def __init__(self, store: PostgresStore, connection: psycopg.Connection[Any]) -> None:
-        super().__init__(store.url)
+        super().__init__(store)
         self.connection = connection
-        self.order_id: str | None = None
+        self.guard_statements: list[str] = []
+        self.ended = False  # committed, or refused by the database at commit
+
+    def take_advisory_lock(self) -> None:
+        self.guard_statements.append(TAKE_ADVISORY_LOCK)
+
+    def lock_inventory_row(self) -> None:
+        self.guard_statements.append(LOCK_ROW)
+
+    def _send_guard_statements(self) -> None:
+        if self.guard_statements:
+            self.connection.execute("; ".join(self.guard_statements))
+            self.guard_statements.clear()
 
     def find_replay(self, request: IdempotentRequest) -> Order | None:
+        self._send_guard_statements()  # the key is looked up under the guard
         with self.connection.cursor(row_factory=dict_row) as cursor:
             row = cursor.execute(FIND_REPLAY, (request.digest,)).fetchone()
         if row is None:
@@ -394,10 +393,11 @@ class PostgresTransaction(Transaction):
         return _order(tuple(row.values()))
 
     def read_stored(self, how: Read) -> Inventory:
-        return _inventory(self.connection.execute(READ_FOR_UPDATE if how is Read.FOR_UPDATE else READ).fetchone())
+        statements = "; ".join([*self.guard_statements, READ])
+        self.guard_statements.clear()
+        return _inventory(_last_row(self.connection, statements))
 
     def write_stored(self, how: Write, before: Inventory, order: Order, request: IdempotentRequest | None) -> Order:
-        self.order_id = order["order_id"]
         if how is Write.BLIND:
             self.connection.execute(WRITE_BLIND, {"remaining": order["remaining"]})
         elif how is Write.IF_VERSION:
@@ -412,12 +412,25 @@ class PostgresTransaction(Transaction):
                 raise SoldOut(f"Sold out: fewer than {order['quantity']} left when the order was written.")
             order = {**order, "remaining": row[0]}
         else:
-            self.connection.execute(LOCK_ROW_TO_RECORD)
+            self.connection.execute(LOCK_ROW)  # the memory mode writes no count, but records under the row's lock
         stamp_written(order)
         self.connection.execute(INSERT_ORDER, {**order, **order["timing"]})
         if request is not None:
             self.connection.execute(INSERT_KEY, (request.digest, request.fingerprint, order["order_id"]))
+        self._commit(order["order_id"])
         return order
+
+    def _commit(self, order_id: str) -> None:
+        self.ended = True  # whatever the answer: a refused commit ends the transaction too
+        try:
+            self.connection.execute(COMMIT)
+        except psycopg.OperationalError as error:
+            if not self.connection.broken:
+                raise  # the database refused the commit: nothing was written
+            raise OutcomeUnknown(
+                f"The connection broke while order {order_id} was being committed ({error}): it may "
+                f"or may not stand. GET /orders/{order_id} tells."
+            ) from None
 
 
 @functools.cache

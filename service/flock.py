@@ -1,40 +1,33 @@
-"""The locks the modes hold: the host's file lock (inter-process), and the worker process's own thread lock.
+"""The host's file locks: ``flock(2)`` on a lock file, exclusive or shared, each wait bounded by a timeout.
 
-The file lock is ``flock(2)`` on a lock file beside db.json, taken exclusive (one holder) or shared (any number
-of shared holders, but never together with an exclusive one): see ``service/stores/file.py`` for why the other
-modes take it shared. Like every ``flock``, it is advisory, covers the processes that open the same file through
-the same kernel, and is released by the kernel when its holder dies, even by SIGKILL.
+An exclusive hold has one holder; shared holds have any number, but never together with an exclusive one. Like
+every ``flock``, these locks are advisory, cover the processes that open the same file through the same kernel,
+and are released by the kernel when their holder dies, even by SIGKILL.
 
-A waiter sleeps in the kernel and wakes the moment the holder lets go. The wait is bounded by the lock timeout
-with a ``SIGALRM`` timer, the way util-linux's ``flock --timeout`` does it. Python runs signal handlers only in
-a process's main thread, which is where gunicorn's default sync workers run requests; other threads (and a main
-thread whose own ``ITIMER_REAL`` is already running) try again every ``THREAD_POLL_INTERVAL_S`` instead.
+A waiter sleeps in the kernel and wakes the moment the holder lets go. The wait is bounded with a ``SIGALRM``
+timer, the way util-linux's ``flock --timeout`` does it. Python runs signal handlers only in a process's main
+thread, which is where gunicorn's sync workers run requests; other threads (and a main thread whose own
+``ITIMER_REAL`` is already running) try again every ``THREAD_POLL_INTERVAL_S`` instead.
 
-Why not ``filelock.FileLock``: it polls (a waiter sleeps 50 ms between tries, so the next buyer starts up to
-50 ms after the lock came free), and its bookkeeping (fork tracking, registries, path resolution) cost about
-70 µs of CPU per acquire and release here, 20 times the ``flock`` calls themselves, in every mode (issue #12,
-bench/RESULTS.md). Each thread of each worker process keeps one descriptor per lock file open instead, made on
-first use after the fork: ``flock`` locks belong to an open file, so two threads must never share one.
-
-The thread lock is the lock a single-process tutorial would use, ``threading.Lock``: every worker process has
-its own, so it keeps apart the threads of one process and never two processes (the ``thread-lock`` mode).
+A ``flock`` lock belongs to an open file, not to a process: each thread of each worker keeps one descriptor per
+lock file, made on first use after the fork, so that two threads never share a lock by accident. It follows that
+a thread which holds a file shared and then asks for it exclusively *converts* its hold (the file store relies on
+this: see ``service/stores/file/__init__.py``); the conversion first lets go of the shared hold, then waits.
 """
 
 from __future__ import annotations
 
 import fcntl
-import functools
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
 from service.errors import LockTimeout
-from service.modes import Guard
 
 THREAD_POLL_INTERVAL_S = 0.002
 
@@ -43,31 +36,31 @@ THREAD_POLL_INTERVAL_S = 0.002
 def holding(lock_path: Path, timeout_s: float, consequence: str, *, shared: bool = False) -> Iterator[int]:
     """Hold the lock on ``lock_path``; a wait longer than ``timeout_s`` raises LockTimeout (503, Retry-After).
 
-    Yields the lock file's descriptor, for a lock file that also holds what its holders share. Holds do not nest:
-    a thread holds one lock file once at a time (a second hold would convert the first, and end it on exit).
+    Yields the lock file's descriptor, for a lock file that also holds what its holders share. Ending a hold
+    lets go of the file entirely, also of a shared hold that this one converted.
     """
-    fd = _lock(lock_path, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, timeout_s)
-    if fd is None:
+    if not acquire(lock_path, timeout_s, shared=shared):
         message = f"{lock_path.name} stayed locked for {timeout_s:g} s; {consequence}. Retry shortly."
         raise LockTimeout(message)
     try:
-        yield fd
+        yield _descriptor(lock_path)
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        release(lock_path)
 
 
-def _lock(lock_path: Path, operation: int, timeout_s: float) -> int | None:
-    """Take ``operation`` (LOCK_EX or LOCK_SH) on the lock file: the descriptor holding it, or None on timeout."""
+def acquire(lock_path: Path, timeout_s: float, *, shared: bool = False) -> bool:
+    """Lock the file for this thread, exclusive or shared: whether that happened within ``timeout_s``."""
+    operation = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     deadline = time.monotonic() + timeout_s
     while True:
         fd = _descriptor(lock_path)
         if not _flock_until(fd, operation, deadline):
-            return None
+            return False
         # A lock on a file that was deleted or replaced while we queued excludes nobody who opens the file now:
         # let go, and lock the file that is there now.
         try:
             if os.path.samestat(os.fstat(fd), os.stat(lock_path)):
-                return fd
+                return True
         except FileNotFoundError:
             pass
         except BaseException:
@@ -76,14 +69,25 @@ def _lock(lock_path: Path, operation: int, timeout_s: float) -> int | None:
         _forget_descriptor(lock_path)
 
 
+def release(lock_path: Path) -> None:
+    """Let go of this thread's hold on the lock file, through whichever descriptor holds it now."""
+    fd = _descriptors.get(_key(lock_path))
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 # (lock file, pid, thread) -> an open descriptor of the lock file. Keyed by pid, so that a worker never locks
 # through a descriptor inherited from the gunicorn master (a forked descriptor shares its locks with the
 # parent's), and by thread, so that the threads of one worker exclude one another.
 _descriptors: dict[tuple[Path, int, int], int] = {}
 
 
+def _key(lock_path: Path) -> tuple[Path, int, int]:
+    return (lock_path, os.getpid(), threading.get_ident())
+
+
 def _descriptor(lock_path: Path) -> int:
-    key = (lock_path, os.getpid(), threading.get_ident())
+    key = _key(lock_path)
     fd = _descriptors.get(key)
     if fd is None:
         fd = _descriptors[key] = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -91,7 +95,7 @@ def _descriptor(lock_path: Path) -> int:
 
 
 def _forget_descriptor(lock_path: Path) -> None:
-    os.close(_descriptors.pop((lock_path, os.getpid(), threading.get_ident())))  # closing it drops its lock
+    os.close(_descriptors.pop(_key(lock_path)))  # closing it drops its lock
 
 
 def _flock_until(fd: int, operation: int, deadline: float) -> bool:
@@ -149,26 +153,3 @@ _waiting = False  # True only while the main thread is blocked in flock(): the o
 def _expire(signum: int, frame: FrameType | None) -> None:
     if _waiting:
         raise _WaitExpired
-
-
-def thread_guard(guard: Guard, timeout_s: float, consequence: str) -> AbstractContextManager[None]:
-    """The worker process's own thread lock for the ``thread-lock`` mode's guard; nothing for any other guard."""
-    if guard is not Guard.THREAD_LOCK:
-        return nullcontext()
-    return _holding_thread_lock(_thread_lock_for(os.getpid()), timeout_s, consequence)
-
-
-@contextmanager
-def _holding_thread_lock(lock: threading.Lock, timeout_s: float, consequence: str) -> Iterator[None]:
-    if not lock.acquire(timeout=timeout_s):
-        raise LockTimeout(f"the worker's thread lock stayed taken for {timeout_s:g} s; {consequence}. Retry shortly.")
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-@functools.cache
-def _thread_lock_for(pid: int) -> threading.Lock:
-    # Keyed by pid, like the file lock: a lock copied from the master at fork is never the one used.
-    return threading.Lock()

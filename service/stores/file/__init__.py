@@ -1,0 +1,308 @@
+"""The file store: db.json and the files beside it, on one host; nothing else in the project opens them.
+
+For db.json at PATH the store keeps:
+
+    PATH               the inventory {"event", "total", "remaining", "version"}: one human-readable line, replaced
+                       atomically (``atomic.py``); "version" grows with every write and reset
+    PATH.orders        the order journal, and PATH.orders.flushed, how much of it is on disk (``journal.py``)
+    PATH.keys/         one small file per Idempotency-Key (``keys.py``)
+    PATH.settings      how purchases run {"mode", "race_window_ms"}: read on every request by every worker
+    PATH.lock          the host's lock file, and PATH.settings.lock for settings changes (``service/flock.py``)
+
+Every sale holds the host's lock file *shared* from start to end: shared holders never exclude one another, so
+the unguarded modes race as if nothing were held, but a reset (which takes the file exclusively) waits for the
+sales in flight. A guard or a write that takes the same file exclusively (the ``locked`` mode's guard, the
+optimistic check-and-write) converts that hold: ``flock`` keeps one lock per open file, and a thread uses one
+descriptor per lock file (``service/flock.py``). So no sale of an unguarded mode that began before a switch can
+write in the middle of a locked or optimistic sale.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+from service import flock
+from service.config import MAX_RACE_WINDOW_MS, Config
+from service.errors import OrderNotDurable, StoreDamaged, StoreWriteFailed
+from service.guards import NOTHING_SOLD
+from service.modes import MODES, Feature, Isolation, Mode, Read, Write
+from service.stores.base import (
+    Conflict,
+    Feed,
+    IdempotentRequest,
+    Inventory,
+    Order,
+    RuntimeSettings,
+    Sale,
+    Store,
+    settings_with,
+    stamp_written,
+)
+from service.stores.file.atomic import create_if_absent, read_json_file, remove_leftovers, replace_json
+from service.stores.file.journal import Journal
+from service.stores.file.keys import IdempotencyKeys
+
+__all__ = ["FileStore"]
+
+log = logging.getLogger(__name__)
+
+INVENTORY_KEYS = {"event", "total", "remaining"}  # and "version", absent from files written before it existed
+
+ADVICE = {
+    "inventory": (
+        "Fix it by hand (remaining = total minus the quantities in db.json.orders), "
+        "or POST /reset to start over (that clears every order)."
+    ),
+    "settings": 'PUT /mode with both "mode" and "race_window_ms" rewrites it, and so does a restart.',
+    "key": "Delete that key file, or POST /reset (that clears every order).",
+}
+
+
+class FileStore(Store):
+    """The booking data on disk: one instance per worker process, holding paths and no open files."""
+
+    kind = "file"
+    features: ClassVar[frozenset[Feature]] = frozenset(
+        {Read.PLAIN, Read.MEMORY, Write.BLIND, Write.IF_VERSION, Write.MEMORY, Isolation.READ_COMMITTED}
+    )
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.path = Path(config.db_path)
+        self.settings_path = self._beside("settings")
+        self.settings_lock_path = self._beside("settings.lock")
+        self.lock_path = config.lock_path
+        self.lock_timeout_s = config.lock_timeout_s
+        self.journal = Journal(self._beside("orders"), config.lock_timeout_s)
+        self.keys = IdempotencyKeys(self._beside("keys"), self.journal.find, _damage_of("key"))
+
+    def _beside(self, suffix: str) -> Path:
+        return self.path.with_name(f"{self.path.name}.{suffix}")
+
+    @property
+    def identity(self) -> str:
+        return str(self.path)
+
+    # --- Life cycle ---------------------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Delete what killed writers left, create missing files, and apply the configured mode and window."""
+        temporaries = [*self.path.parent.glob(f".{self.path.name}.*.tmp"), *self.keys.leftover_candidates()]
+        for leftover in remove_leftovers(temporaries):
+            log.warning("removed %s, left by a writer that was killed", leftover)
+        # At start, db.json may be created while the journal holds no orders (below, on first use, only while
+        # there is no journal at all): recreating it with every ticket for sale would sell the orders again.
+        self._create_missing(may_create_inventory=not self.journal.has_orders())
+        self._write_settings(RuntimeSettings.configured(self.config))
+        self.journal.forget_flushes()  # the journal may have been replaced, or cut, while the service was stopped
+
+    def check(self) -> None:
+        """Files need no connection: the store is there whenever the service is."""
+
+    def _create_missing(self, *, may_create_inventory: bool = False) -> None:
+        create_if_absent(self.settings_path, asdict(RuntimeSettings.configured(self.config)))
+        if may_create_inventory and not self.path.exists():
+            create_if_absent(self.path, asdict(Inventory.full(self.config.event, self.config.tickets)))
+
+    # --- The inventory (db.json) ----------------------------------------------------------------------------
+
+    def read_inventory(self) -> Inventory:
+        """Read db.json, refusing a file that is not JSON or not an inventory.
+
+        A db.json that is missing while no journal exists yet is created from the configuration (the first
+        request of a service started without ``prepare``); once orders or a reset happened, it is damage.
+        """
+        data = self._read_json(self.path, "inventory", create=self._create_inventory_on_first_use)
+        if not isinstance(data, dict) or not INVENTORY_KEYS <= set(data) <= INVENTORY_KEYS | {"version"}:
+            problem = 'expected an object with exactly "event", "total", "remaining" and, optionally, "version"'
+            raise _damaged(self.path, problem, "inventory")
+        event, total, remaining, version = data["event"], data["total"], data["remaining"], data.get("version", 0)
+        if not isinstance(event, str) or not all(map(_is_count, (total, remaining, version))) or remaining > total:
+            problem = '"event" must be text and the rest whole numbers, with 0 <= remaining <= total'
+            raise _damaged(self.path, problem, "inventory")
+        return Inventory(event=event, total=total, remaining=remaining, version=version)
+
+    def _create_inventory_on_first_use(self) -> None:
+        if self.journal.exists():
+            raise _damaged(self.path, "the file is missing", "inventory")
+        self._create_missing(may_create_inventory=True)
+
+    def _write_inventory(self, inventory: Inventory, *, durable: bool = True) -> None:
+        """Replace db.json atomically with this inventory (``durable``: fsynced before it takes db.json's place)."""
+        replace_json(self.path, vars(inventory), durable=durable)  # vars: asdict's deep copy costs, every sale
+
+    # --- Settings ---------------------------------------------------------------------------------------------
+
+    def read_settings(self) -> RuntimeSettings:
+        """Read the settings every worker shares (created from the configuration if missing)."""
+        data = self._read_json(self.settings_path, "settings", create=self._create_missing)
+        if not isinstance(data, dict) or set(data) != {"mode", "race_window_ms"}:
+            problem = 'expected an object with exactly "mode" and "race_window_ms"'
+            raise _damaged(self.settings_path, problem, "settings")
+        mode, window = data["mode"], data["race_window_ms"]
+        if mode not in MODES or not self.supports(MODES[mode]) or not _is_count(window) or window > MAX_RACE_WINDOW_MS:
+            modes = ", ".join(mode.name for mode in self.modes())
+            problem = f'"mode" must be one of {modes} and "race_window_ms" 0..{MAX_RACE_WINDOW_MS}'
+            raise _damaged(self.settings_path, problem, "settings")
+        return RuntimeSettings(mode=mode, race_window_ms=window)
+
+    def change_settings(self, change: Mapping[str, Any]) -> RuntimeSettings:
+        """Rewrite the settings file. It is never written by a purchase, so no racing buyer can undo this."""
+        with flock.holding(self.settings_lock_path, self.lock_timeout_s, "the mode was not changed"):
+            try:
+                current = self.read_settings()
+            except StoreDamaged:
+                current = RuntimeSettings.configured(self.config)  # a full PUT /mode repairs a damaged file
+            settings = settings_with(current, change)
+            self._write_settings(settings)
+        return settings
+
+    def _write_settings(self, settings: RuntimeSettings) -> None:
+        replace_json(self.settings_path, asdict(settings))
+
+    # --- Sales ------------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def begin_sale(self, mode: Mode) -> Iterator[Sale]:
+        """Hold the host's lock file shared for the whole sale (see the module's docstring for why)."""
+        with flock.holding(self.lock_path, self.lock_timeout_s, NOTHING_SOLD, shared=True):
+            yield FileSale(self)
+
+    def record_sale(self, before: Inventory, order: Order, request: IdempotentRequest | None = None) -> None:
+        """The "write" of a purchase: claim the Idempotency-Key, write the new count, then journal the order.
+
+        The order of the writes is what makes a crash at any point harmless: killed before the count is
+        written, nothing happened; killed between the count and the journal line, one ticket is counted as sold
+        that nobody holds (the buyer never got a 201); killed after the line, the sale is complete. A crash can
+        only ever sell less, never twice. If writing the journal line fails, the count is put back.
+
+        The order is journaled but not fsynced when this returns: ``make_durable`` does that, outside the lock,
+        before the buyer is told (docs/file-store.md, "Durability").
+        """
+        after = replace(before, remaining=order["remaining"], version=before.version + 1)
+        if request is not None:
+            self.keys.claim(request, order["order_id"])
+        self._write_inventory(after, durable=False)
+        stamp_written(order)
+        try:
+            self.journal.append(order)
+        except StoreWriteFailed:
+            self._write_inventory(before, durable=False)
+            raise
+        if request is not None:
+            self.keys.complete(request, order)
+
+    def record_order(self, order: Order, request: IdempotentRequest | None = None) -> None:
+        """Journal an order without touching the count (the memory mode: the worker's own copy was spent)."""
+        if request is not None:
+            self.keys.claim(request, order["order_id"])
+        stamp_written(order)
+        self.journal.append(order)
+        if request is not None:
+            self.keys.complete(request, order)
+
+    def make_durable(self, order: Order, request: IdempotentRequest | None) -> None:
+        """Flush the journal (and the key file) to disk, so the order survives a crash or a power cut."""
+        try:
+            self.journal.flush()
+            if request is not None:
+                self.keys.make_durable(request)
+        except OSError as error:  # LockTimeout too: the disk stalled
+            raise OrderNotDurable(
+                f"Order {order['order_id']} was recorded, but flushing it to disk failed ({error.strerror or error}): "
+                f"it may not survive a crash. GET /orders/{order['order_id']} shows whether it stands."
+            ) from error
+
+    # --- Orders -------------------------------------------------------------------------------------------------
+
+    def orders_page(self, limit: int, offset: int) -> tuple[int, list[Order]]:
+        return self.journal.page(limit, offset)
+
+    def feed(self, cursor: str, limit: int) -> Feed:
+        return self.journal.feed(cursor, limit)
+
+    def find_order(self, order_id: str) -> Order | None:
+        return self.journal.find(order_id)
+
+    # --- Reset ---------------------------------------------------------------------------------------------------
+
+    def reset(self, tickets: int | None, event: str | None) -> Inventory:
+        """Start over: a fresh journal, no idempotency keys, then the fresh inventory, with no purchase in flight.
+
+        A damaged settings file stops the reset before anything changes; an unusable db.json is replaced by the
+        configured event and tickets.
+        """
+        self.read_settings()
+        with flock.holding(self.lock_path, self.lock_timeout_s, "the store was not reset"):
+            try:
+                current = self.read_inventory()
+            except StoreDamaged:
+                # Unknown version: a clock reading is larger than any count of writes, so memory copies reload.
+                current = Inventory.full(self.config.event, self.config.tickets, version=time.time_ns())
+            fresh = Inventory.full(
+                event or current.event, current.total if tickets is None else tickets, version=current.version + 1
+            )
+            self.journal.start_afresh()
+            self.keys.discard_all()
+            self._write_inventory(fresh)
+        return fresh
+
+    # --- Files ---------------------------------------------------------------------------------------------------
+
+    def _read_json(self, path: Path, kind: str, *, create: Callable[[], None] | None = None) -> Any:
+        """The file's JSON; ``create`` makes a missing file on the store's first use (None: missing is damage)."""
+        try:
+            return read_json_file(path)
+        except FileNotFoundError:
+            if create is None:
+                raise _damaged(path, "the file is missing", kind) from None
+            create()
+            return self._read_json(path, kind)
+        except OSError as error:
+            raise _damaged(path, f"it cannot be read ({error.strerror})", kind) from error
+        except ValueError as error:
+            raise _damaged(path, str(error), kind) from None
+
+
+class FileSale(Sale):
+    """A purchase's read and write on db.json, inside the shared hold ``FileStore.begin_sale`` took."""
+
+    store: FileStore
+
+    def find_replay(self, request: IdempotentRequest) -> Order | None:
+        return self.store.keys.find_replay(request)
+
+    def read_stored(self, how: Read) -> Inventory:
+        return self.store.read_inventory()
+
+    def write_stored(self, how: Write, before: Inventory, order: Order, request: IdempotentRequest | None) -> Order:
+        store = self.store
+        if how is Write.MEMORY:
+            store.record_order(order, request)
+        elif how is Write.IF_VERSION:
+            # The check and the write under one short exclusive hold (it converts the sale's shared one).
+            with flock.holding(store.lock_path, store.lock_timeout_s, NOTHING_SOLD):
+                if store.read_inventory().version != before.version:
+                    raise Conflict(f"db.json changed since version {before.version} was read")
+                store.record_sale(before, order, request)
+        else:
+            store.record_sale(before, order, request)
+        return order
+
+
+def _damaged(path: Path, problem: str, kind: str) -> StoreDamaged:
+    return StoreDamaged(f"{path} cannot be used: {problem}. The service leaves it untouched. {ADVICE[kind]}")
+
+
+def _damage_of(kind: str) -> Callable[[Path, str], StoreDamaged]:
+    return lambda path, problem: _damaged(path, problem, kind)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
