@@ -1,28 +1,15 @@
 """Issue #12's benchmark: what the lock costs, measured by a client that is not ours (wrk), in one run.
 
-    python bench/bench.py                      # every section, about ten minutes on 2 cores
+    python bench/bench.py                      # every section (make bench)
     python bench/bench.py --sections lock      # goals 1, 2 and 4 only
     python bench/bench.py --seconds 3 --rounds 2 --sections lock,workers   # shorter
 
-Every figure comes from Debian's ``wrk`` against real gunicorn servers on loopback, side by side in this one
-run, so that the ratios compare measurements made minutes apart on the same machine:
-
-1. **Lock cost at saturation**: locked / unlocked req/s and p99 with 16, 32 and 64 connections, 4 workers,
-   race window 0, the order fsynced before every 201. Rounds alternate which mode goes first; a ratio is the
-   median of the rounds'. The server is saturated when more connections no longer raise unlocked req/s; a
-   ratio measured below saturation is reported as such and does not count.
-2. **Critical section**: read to write, at window 0, from the orders the locked runs of goal 1 recorded
-   (each order's ``timing``), p50 and p99.
-3. **Workers**: both modes at 1, 2, 4 and 8 workers, with the resource that bounds each cell.
-4. **The framework floor**: the same gunicorn and Flask answering the same POST with a fixed 201 and no store
-   (bench/floor_app.py), beside unlocked and locked in the same rounds; and where a request's CPU goes, from a
-   CPU profile of each worker during one locked run (bench/profiled.conf.py).
-5. **Every mode**: every mode of the file store (4 workers) and of the postgres store (3 hosts x 4 workers on
-   a throwaway PostgreSQL), race window 0 and 20 ms, beside pgbench's figure for the same one-row statements
-   on the same database.
-
-Each run resets the store to a billion tickets (nothing sells out), warms up for a second, resets again, and
-measures. The bench stops every server it started and says whether any process was left behind.
+What: the lock's cost at saturation (goal 1), the critical section from the orders' own timing (2), 1 to 8
+workers (3), the framework floor beside a CPU profile of a locked request (4), and every mode of both stores
+beside pgbench (5); each table's notes say how its goal is judged. Why one run: every figure is Debian's ``wrk``
+against real gunicorn servers on loopback, side by side, so that a ratio compares runs made minutes apart on
+one machine. Every server started is stopped and checked gone by PID. Figures, with the machine and commit
+they come from: bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -125,6 +112,7 @@ REQUEST = ("gunicorn/workers/sync.py", "handle")
 FLASK = ("flask/app.py", "__call__")
 ROUTE = ("service/routes.py", "create_order")
 PURCHASE = ("service/purchase.py", "purchase")
+FSYNC = ("~", "<built-in method posix.fsync>")
 ROUTE_STEPS: list[tuple[str, list[Function]]] = [
     (
         "route: body parsed and checked",
@@ -529,6 +517,52 @@ def floor_and_profile(bench: Bench, report: Report, figures: dict[str, list[Figu
 
 def profile(bench: Bench, report: Report) -> None:
     """Where a locked request's CPU goes: cProfile with a CPU clock in each of 4 workers, one locked run."""
+    profiled = profiled_run(bench)
+    requests, fsyncs, total = profiled.calls(ROUTE), profiled.calls(FSYNC), profiled.cpu(REQUEST)
+    rows = [
+        [name, f"{1e6 * value / max(requests, 1):.0f}", f"{value / total:.0%}"]
+        for name, value in request_steps(profiled)
+    ]
+    rows.append(["**every request, in all**", f"**{1e6 * total / max(requests, 1):.0f}**", "100%"])
+    report.table(
+        f"Goal 4: where a locked request's CPU goes ({requests:,} requests, 4 workers profiled)",
+        ["step", "CPU µs per request (profiled)", "share"],
+        rows,
+        "cProfile with a CPU clock in every worker (bench/profiled.conf.py): waiting for the lock or the disk is "
+        "not counted, and the profiler's own cost inflates Python code about twofold against system calls, so "
+        f"read the shares, not the microseconds. Group commit: {fsyncs:,} fsyncs for {requests:,} orders "
+        f"({fsyncs / max(requests, 1):.2f} per order).",
+    )
+
+
+class Profile:
+    """The workers' cProfile statistics, merged, asked about functions given as (end of file path, name)."""
+
+    def __init__(self, stats: dict[Any, Any]) -> None:
+        self.stats = stats
+
+    @staticmethod
+    def _is(key: tuple[str, int, str], function: Function) -> bool:
+        return key[0].endswith(function[0]) and key[2] == function[1]
+
+    def cpu(self, function: Function, under: Function | None = None) -> float:
+        """Cumulative CPU of ``function``: in all, or only in its calls from ``under``."""
+        total = 0.0
+        for key, (_, _, _, cumulative, callers) in self.stats.items():
+            if self._is(key, function):
+                if under is None:
+                    total += cumulative
+                else:
+                    total += sum(row[3] for caller, row in callers.items() if self._is(caller, under))
+        return total
+
+    def calls(self, function: Function) -> int:
+        """How many times ``function`` was called."""
+        return sum(row[1] for key, row in self.stats.items() if self._is(key, function))
+
+
+def profiled_run(bench: Bench) -> Profile:
+    """One locked run on 4 workers that profile themselves (bench/profiled.conf.py), and what they recorded."""
     profiles = bench.directory / "profiles"
     profiles.mkdir()
     with EmbeddedService(
@@ -541,54 +575,26 @@ def profile(bench: Bench, report: Report) -> None:
     written = list(profiles.glob("*.prof"))
     if not written:
         raise RuntimeError(f"the profiled workers wrote no profile into {profiles}")
-    stats: dict[Any, Any] = pstats.Stats(*map(str, written)).stats  # type: ignore[attr-defined]
-
-    def is_(key: tuple[str, int, str], function: Function) -> bool:
-        return key[0].endswith(function[0]) and key[2] == function[1]
-
-    def cpu(function: Function, under: Function | None = None) -> float:
-        """Cumulative CPU of ``function``: in all, or only in its calls from ``under``."""
-        total = 0.0
-        for key, (_, _, _, cumulative, callers) in stats.items():
-            if is_(key, function):
-                if under is None:
-                    total += cumulative
-                else:
-                    total += sum(row[3] for caller, row in callers.items() if is_(caller, under))
-        return total
-
-    def calls(function: Function) -> int:
-        return sum(row[1] for key, row in stats.items() if is_(key, function))
-
-    requests = calls(ROUTE)
-    fsyncs = calls(("~", "<built-in method posix.fsync>"))
+    profiled = Profile(pstats.Stats(*map(str, written)).stats)  # type: ignore[attr-defined]
     for function in [REQUEST, FLASK, ROUTE, PURCHASE, *(f for _, fs in ROUTE_STEPS + PURCHASE_STEPS for f in fs)]:
-        if not calls(function):
+        if not profiled.calls(function):
             raise RuntimeError(f"the profile never saw {function[1]} in {function[0]}: update bench.py's steps")
-    total, flask, route, purchase = cpu(REQUEST), cpu(FLASK), cpu(ROUTE), cpu(PURCHASE)
-    steps: list[tuple[str, float]] = [
+    return profiled
+
+
+def request_steps(profiled: Profile) -> list[tuple[str, float]]:
+    """A request's CPU, step by step: HTTP, Flask, the route's steps, the purchase's, and the rest of each."""
+    total, flask, route, purchase = (profiled.cpu(f) for f in (REQUEST, FLASK, ROUTE, PURCHASE))
+    route_steps = [(name, sum(profiled.cpu(f, under=ROUTE) for f in functions)) for name, functions in ROUTE_STEPS]
+    purchase_steps = [(name, sum(map(profiled.cpu, functions))) for name, functions in PURCHASE_STEPS]
+    return [
         ("HTTP: gunicorn reads the request, writes the answer, closes", total - flask),
         ("Flask: request and response objects, routing, hooks", flask - route),
+        *route_steps,
+        *purchase_steps,
+        ("the rest of purchase(): the order, checks, bookkeeping", purchase - sum(v for _, v in purchase_steps)),
+        ("the rest of the route", route - purchase - sum(value for _, value in route_steps)),
     ]
-    route_steps = [(name, sum(cpu(function, under=ROUTE) for function in functions)) for name, functions in ROUTE_STEPS]
-    steps += route_steps
-    purchase_steps = [(name, sum(map(cpu, functions))) for name, functions in PURCHASE_STEPS]
-    steps += purchase_steps
-    steps.append(
-        ("the rest of purchase(): the order, checks, bookkeeping", purchase - sum(v for _, v in purchase_steps))
-    )
-    steps.append(("the rest of the route", route - purchase - sum(value for _, value in route_steps)))
-    rows = [[name, f"{1e6 * value / max(requests, 1):.0f}", f"{value / total:.0%}"] for name, value in steps]
-    rows.append(["**every request, in all**", f"**{1e6 * total / max(requests, 1):.0f}**", "100%"])
-    report.table(
-        f"Goal 4: where a locked request's CPU goes ({requests:,} requests, 4 workers profiled)",
-        ["step", "CPU µs per request (profiled)", "share"],
-        rows,
-        "cProfile with a CPU clock in every worker (bench/profiled.conf.py): waiting for the lock or the disk is "
-        "not counted, and the profiler's own cost inflates Python code about twofold against system calls, so "
-        f"read the shares, not the microseconds. Group commit: {fsyncs:,} fsyncs for {requests:,} orders "
-        f"({fsyncs / max(requests, 1):.2f} per order).",
-    )
 
 
 def workers_section(bench: Bench, report: Report) -> None:
@@ -637,25 +643,14 @@ def workers_section(bench: Bench, report: Report) -> None:
 
 def modes_section(bench: Bench, report: Report, with_postgres: bool) -> None:
     """Goal 5: every mode of both stores at window 0 and 20 ms, and pgbench on the same database."""
-    rows: list[list[str]] = []
     with EmbeddedService(workers=WORKERS, race_window_ms=0) as service:
         target = service_target("file", [service.url], service.worker_pids)
-        rows += every_mode(bench, target, FileStore.modes(), REFERENCE_CONNECTIONS, "file")[0]
+        rows = every_mode(bench, target, FileStore.modes(), REFERENCE_CONNECTIONS, "file")[0]
     pgbench_rows: list[list[str]] = []
     below: list[str] | None = None
     if with_postgres:
-        with Cluster(hosts=HOSTS, workers=WORKERS, store="postgres", race_window_ms=0) as cluster:
-            target = service_target(
-                "postgres", cluster.urls, lambda: [p for h in cluster.hosts for p in h.worker_pids()]
-            )
-            connections = HOSTS * CONNECTIONS_PER_HOST
-            postgres_rows, below, service_rates = every_mode(
-                bench, target, PostgresStore.modes(), connections, "postgres"
-            )
-            rows += postgres_rows
-            assert cluster.database is not None
-            ServiceClient(cluster.urls[0]).reset(TICKETS)
-            pgbench_rows = pgbench(bench, cluster.database.socket_folder, service_rates)
+        postgres_rows, below, pgbench_rows = postgres_modes(bench)
+        rows += postgres_rows
     report.table(
         "Goal 5: every mode (201/s and p99 at race window 0, in rounds, and 20 ms, once)",
         [
@@ -681,18 +676,35 @@ def modes_section(bench: Bench, report: Report, with_postgres: bool) -> None:
         measured = "every one of them" if not below else "below: " + ", ".join(below)
         report.goals.append(("5 correct postgres modes / unlocked", measured, verdict(not below)))
     if pgbench_rows:
-        report.table(
-            "Goal 5: pgbench on the same database, the same one-row statements (orders/s)",
-            [
-                "statements (as the mode)",
-                *(f"pgbench, {clients} clients" for clients in PGBENCH_CLIENTS),
-                f"the service, {HOSTS} x {WORKERS} workers, window 0",
-            ],
-            pgbench_rows,
-            "The bound one hot row sets: the database alone, with no HTTP, no Python and no race window. Each "
-            "transaction is the mode's own: BEGIN, its guard and read, the UPDATE of the one inventory row, the "
-            "order's INSERT, COMMIT (synchronous, as the service's).",
-        )
+        pgbench_table(report, pgbench_rows)
+
+
+def postgres_modes(bench: Bench) -> tuple[list[list[str]], list[str], list[list[str]]]:
+    """Every mode of the postgres store on 3 hosts of 4 workers, then pgbench on their database: the mode rows,
+    the correct modes below their goal, and the pgbench rows."""
+    with Cluster(hosts=HOSTS, workers=WORKERS, store="postgres", race_window_ms=0) as cluster:
+        target = service_target("postgres", cluster.urls, lambda: [p for h in cluster.hosts for p in h.worker_pids()])
+        connections = HOSTS * CONNECTIONS_PER_HOST
+        rows, below, service_rates = every_mode(bench, target, PostgresStore.modes(), connections, "postgres")
+        assert cluster.database is not None
+        ServiceClient(cluster.urls[0]).reset(TICKETS)
+        return rows, below, pgbench(bench, cluster.database.socket_folder, service_rates)
+
+
+def pgbench_table(report: Report, rows: list[list[str]]) -> None:
+    """Goal 5's second table: pgbench's orders/s beside the service's."""
+    report.table(
+        "Goal 5: pgbench on the same database, the same one-row statements (orders/s)",
+        [
+            "statements (as the mode)",
+            *(f"pgbench, {clients} clients" for clients in PGBENCH_CLIENTS),
+            f"the service, {HOSTS} x {WORKERS} workers, window 0",
+        ],
+        rows,
+        "The bound one hot row sets: the database alone, with no HTTP, no Python and no race window. Each "
+        "transaction is the mode's own: BEGIN, its guard and read, the UPDATE of the one inventory row, the "
+        "order's INSERT, COMMIT (synchronous, as the service's).",
+    )
 
 
 def every_mode(

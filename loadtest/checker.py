@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 OK, FAIL, INFO = "ok", "fail", "info"
@@ -73,54 +73,11 @@ def check(tickets: int, outcomes: Sequence[Outcome], remaining: int, recorded: S
     ok = [outcome for outcome in outcomes if outcome.kind == OK]
     info = [outcome for outcome in outcomes if outcome.kind == INFO]
     told_sold = sum(outcome.quantity for outcome in ok)
-    sold_by_count = tickets - remaining
-    recorded_sold = sum(int(order.get("quantity", 1)) for order in recorded)
-
-    oversold = max(0, told_sold - tickets)
-    lost_updates = max(0, told_sold - sold_by_count)
-
-    # The count must be explained by the ok sales plus some of the info ones (each of which may have happened).
-    lowest_remaining = tickets - told_sold - sum(outcome.quantity for outcome in info)
-    out_of_bounds = None
-    if not 0 <= remaining <= tickets or remaining < lowest_remaining:
-        out_of_bounds = (
-            f"remaining {remaining} is outside what the buyers allow "
-            f"({max(lowest_remaining, 0)}..{tickets}): tickets vanished that no buyer can hold"
-        )
-
-    recorded_ids = [str(order.get("order_id")) for order in recorded]
-    duplicate_ids = sorted(order_id for order_id, seen in Counter(recorded_ids).items() if seen > 1)
     told_ids = [str(outcome.order.get("order_id")) for outcome in ok if outcome.order]
-    duplicate_ids += sorted(order_id for order_id, seen in Counter(told_ids).items() if seen > 1)
-
-    lost_orders = sorted(set(told_ids) - set(recorded_ids))
-    unexpected_orders = _unexplained(recorded, set(told_ids), {outcome.buyer for outcome in info})
-
-    sold = [outcome.order for outcome in ok if outcome.order] + list(recorded)
-    sellers = sorted({(str(order.get("host", "")), order["worker_pid"]) for order in sold if _has_pid(order)})
-    worker_pids = sorted({pid for _, pid in sellers})
-    retries = sum(max(0, int(order.get("attempts", 1)) - 1) for order in recorded)
-
-    anomalies = []
-    if oversold:
-        anomalies.append(f"oversold by {oversold}: {told_sold} tickets promised, only {tickets} existed")
-    if lost_updates:
-        anomalies.append(f"{lost_updates} lost updates: sales the remaining count ({remaining}) does not reflect")
-    if lost_orders:
-        anomalies.append(f"{len(lost_orders)} lost orders: buyers were told success but the store has no record")
-    if unexpected_orders:
-        anomalies.append(f"{len(unexpected_orders)} unexpected orders: recorded, but no buyer can hold them")
-    if duplicate_ids:
-        anomalies.append(f"{len(duplicate_ids)} duplicated order ids")
-    # Orders that buyers with unknown outcomes may hold must still fit in the tickets and in the count.
-    if recorded_sold > max(tickets, told_sold):
-        anomalies.append(f"the store recorded {recorded_sold} tickets sold, only {tickets} existed")
-    if recorded_sold - sold_by_count > lost_updates:
-        anomalies.append(f"{recorded_sold - sold_by_count} recorded tickets the remaining count does not reflect")
-    if out_of_bounds:
-        anomalies.append(out_of_bounds)
-
-    return Check(
+    recorded_ids = [str(order.get("order_id")) for order in recorded]
+    could_have_sold = told_sold + sum(outcome.quantity for outcome in info)
+    sellers = _sellers([outcome.order for outcome in ok if outcome.order] + list(recorded))
+    figures = Check(
         buyers=len(outcomes),
         tickets=tickets,
         ok=len(ok),
@@ -129,21 +86,74 @@ def check(tickets: int, outcomes: Sequence[Outcome], remaining: int, recorded: S
         tickets_told_sold=told_sold,
         remaining=remaining,
         orders_recorded=len(recorded),
-        oversold=oversold,
-        lost_updates=lost_updates,
-        lost_orders=lost_orders,
-        unexpected_orders=unexpected_orders,
-        duplicate_ids=duplicate_ids,
-        count_out_of_bounds=out_of_bounds,
-        worker_pids=worker_pids,
+        oversold=max(0, told_sold - tickets),
+        lost_updates=max(0, told_sold - (tickets - remaining)),
+        lost_orders=sorted(set(told_ids) - set(recorded_ids)),
+        unexpected_orders=_unexplained(recorded, set(told_ids), {outcome.buyer for outcome in info}),
+        duplicate_ids=_repeated(recorded_ids) + _repeated(told_ids),
+        count_out_of_bounds=_count_out_of_bounds(tickets, remaining, could_have_sold),
+        worker_pids=sorted({pid for _, pid in sellers}),
         sellers=sellers,
-        retries=retries,
+        retries=sum(max(0, int(order.get("attempts", 1)) - 1) for order in recorded),
         gave_up=sum(1 for outcome in outcomes if outcome.error == "too_many_conflicts"),
-        anomalies=anomalies,
+    )
+    recorded_sold = sum(int(order.get("quantity", 1)) for order in recorded)
+    return replace(figures, anomalies=_anomalies(figures, recorded_sold))
+
+
+def _anomalies(figures: Check, recorded_sold: int) -> list[str]:
+    """One sentence per anomaly in ``figures``, given the tickets the recorded orders add up to."""
+    tickets, remaining, told_sold = figures.tickets, figures.remaining, figures.tickets_told_sold
+    anomalies = []
+    if figures.oversold:
+        anomalies.append(f"oversold by {figures.oversold}: {told_sold} tickets promised, only {tickets} existed")
+    if figures.lost_updates:
+        anomalies.append(
+            f"{figures.lost_updates} lost updates: sales the remaining count ({remaining}) does not reflect"
+        )
+    if figures.lost_orders:
+        anomalies.append(
+            f"{len(figures.lost_orders)} lost orders: buyers were told success but the store has no record"
+        )
+    if figures.unexpected_orders:
+        anomalies.append(f"{len(figures.unexpected_orders)} unexpected orders: recorded, but no buyer can hold them")
+    if figures.duplicate_ids:
+        anomalies.append(f"{len(figures.duplicate_ids)} duplicated order ids")
+    # Orders that buyers with unknown outcomes may hold must still fit in the tickets and in the count.
+    if recorded_sold > max(tickets, told_sold):
+        anomalies.append(f"the store recorded {recorded_sold} tickets sold, only {tickets} existed")
+    unreflected = recorded_sold - (tickets - remaining)
+    if unreflected > figures.lost_updates:
+        anomalies.append(f"{unreflected} recorded tickets the remaining count does not reflect")
+    if figures.count_out_of_bounds:
+        anomalies.append(figures.count_out_of_bounds)
+    return anomalies
+
+
+def _count_out_of_bounds(tickets: int, remaining: int, could_have_sold: int) -> str | None:
+    """Why ``remaining`` is impossible, or None: the ok sales plus some of the info ones (each of which may have
+    happened) must explain the count."""
+    lowest_remaining = tickets - could_have_sold
+    if 0 <= remaining <= tickets and remaining >= lowest_remaining:
+        return None
+    return (
+        f"remaining {remaining} is outside what the buyers allow "
+        f"({max(lowest_remaining, 0)}..{tickets}): tickets vanished that no buyer can hold"
     )
 
 
+def _repeated(order_ids: Sequence[str]) -> list[str]:
+    """The ids that appear more than once, sorted."""
+    return sorted(order_id for order_id, seen in Counter(order_ids).items() if seen > 1)
+
+
+def _sellers(orders: Sequence[dict[str, Any]]) -> list[tuple[str, int]]:
+    """Every (host, worker pid) that sold one of ``orders``, sorted."""
+    return sorted({(str(order.get("host", "")), order["worker_pid"]) for order in orders if _has_pid(order)})
+
+
 def _has_pid(order: dict[str, Any]) -> bool:
+    """Whether the order names the worker that sold it."""
     return isinstance(order.get("worker_pid"), int)
 
 

@@ -86,6 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
         "usage errors and an unreachable service. With --url, each phase resets that service's store "
         "(POST /reset) and sets its mode.",
     )
+    _add_target_arguments(parser)
+    _add_load_arguments(parser)
+    _add_output_arguments(parser)
+    parser.add_argument(
+        "--require-oversell",
+        action="store_true",
+        help="exit 1 if a mode that does not protect the deployment (unlocked; locked across hosts; ...) did not "
+        "oversell",
+    )
+    _add_throughput_arguments(parser)
+    return parser
+
+
+def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the buyers go: running services (--url), or embedded hosts and their store."""
     target = parser.add_argument_group("target")
     target.add_argument(
         "--url",
@@ -104,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="store of the embedded hosts: db.json, or a throwaway PostgreSQL from the OS's binaries (default file)",
     )
     target.add_argument("--workers", type=int, default=4, help="workers of each embedded host (default 4)")
+
+
+def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """How many buyers, tickets and trials, in which modes, with which race window."""
     load = parser.add_argument_group("load")
     load.add_argument("--buyers", type=int, default=100, help="buyers per phase (default 100)")
     load.add_argument("--tickets", type=int, default=10, help="tickets per phase (default 10)")
@@ -119,18 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--timeout", type=float, default=10.0, help="seconds before a request counts as unknown (default 10)"
     )
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """What is printed or written: JSON, an SVG, the timelines, the verdicts only, or more detail."""
     output = parser.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print the whole result as one JSON document")
     output.add_argument("--svg", type=Path, help="also write the timeline of each phase to this SVG file")
     output.add_argument("--no-timeline", action="store_true", help="leave the text timelines out")
     output.add_argument("-q", "--quiet", action="store_true", help="print only the verdict lines")
     output.add_argument("-v", "--verbose", action="store_true", help="also print errors and anomalies per phase")
-    parser.add_argument(
-        "--require-oversell",
-        action="store_true",
-        help="exit 1 if a mode that does not protect the deployment (unlocked; locked across hosts; ...) did not "
-        "oversell",
-    )
+
+
+def _add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--throughput``: each mode's requests/s instead of the buyers' phases, and the connections that send them."""
     speed = parser.add_argument_group("throughput (instead of the buyers' phases)")
     speed.add_argument(
         "--throughput",
@@ -141,7 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     speed.add_argument("--connections", type=int, default=16, help="connections in all (default 16)")
     speed.add_argument("--processes", type=int, default=2, help="client processes (default 2)")
-    return parser
 
 
 def throughput_cli(arguments: argparse.Namespace, options: LoadOptions, out: TextIO, err: TextIO) -> int:

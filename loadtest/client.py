@@ -141,12 +141,18 @@ def buy(connection: http.client.HTTPConnection, path: str, buyer: str, quantity:
         return Outcome(buyer, quantity, INFO, invoked_at, time.time(), error=describe(error))
     finally:
         connection.close()
+    return classify(buyer, quantity, invoked_at, reply.status, reply.body)
+
+
+def classify(buyer: str, quantity: int, invoked_at: float, status: int, body: object) -> Outcome:
+    """The outcome of a purchase answered just now with ``status`` and ``body`` (parsed JSON, or text): ok for a
+    201 with an order, fail when the service promises nothing was sold, info otherwise."""
     completed_at = time.time()
-    error_code = reply.body.get("error") if isinstance(reply.body, dict) else None
-    if reply.status == 201 and isinstance(reply.body, dict) and "order_id" in reply.body:
-        return Outcome(buyer, quantity, OK, invoked_at, completed_at, reply.status, order=reply.body)
-    kind = FAIL if 400 <= reply.status < 500 or error_code in NOTHING_SOLD else INFO
-    return Outcome(buyer, quantity, kind, invoked_at, completed_at, reply.status, error_code or f"http_{reply.status}")
+    error_code = body.get("error") if isinstance(body, dict) else None
+    if status == 201 and isinstance(body, dict) and "order_id" in body:
+        return Outcome(buyer, quantity, OK, invoked_at, completed_at, status, order=body)
+    kind = FAIL if 400 <= status < 500 or error_code in NOTHING_SOLD else INFO
+    return Outcome(buyer, quantity, kind, invoked_at, completed_at, status, error_code or f"http_{status}")
 
 
 def describe(error: BaseException) -> str:

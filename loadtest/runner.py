@@ -215,7 +215,8 @@ def release_buyers(
     next_buyer = iter(range(buyers))
     take_lock = threading.Lock()
     answered = [0]
-    # Every thread connects first and then waits here, so the first requests leave within a millisecond.
+    # Every thread connects first and then waits here, so that the first requests leave together, not one connect
+    # after another.
     start_line = threading.Barrier(concurrency)
 
     def take() -> int | None:

@@ -15,6 +15,7 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 TEXT_WIDTH = 64
+CHECKED_OVERLAP = "Sales overlapped, yet each decremented a different count: the store checked every write."
 
 
 @dataclass(frozen=True)
@@ -114,84 +115,112 @@ def render_text(title: str, bars: Sequence[Bar], width: int = TEXT_WIDTH) -> str
             "so one ticket was sold several times."
         )
     elif overlapping_pairs(bars):
-        lines.append("  Sales overlapped, yet each decremented a different count: the store checked every write.")
+        lines.append(f"  {CHECKED_OVERLAP}")
     else:
         lines.append("  No two sales overlapped: each one read the count the previous one wrote.")
     return "\n".join(lines)
 
 
 _PALETTE = ("#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#2ca02c")
+_UNSHARED = "#4878a8"  # a bar whose count no other sale read
+SVG_WIDTH, SVG_LEFT, SVG_RIGHT, SVG_LANE_HEIGHT = 960, 150, 20, 26
+SVG_PLOT = SVG_WIDTH - SVG_LEFT - SVG_RIGHT
+
+
+@dataclass(frozen=True)
+class _TimeAxis:
+    """A section's time axis: from its first sale's start to its last write, across the plot."""
+
+    start: float
+    span: float
+
+    @classmethod
+    def of(cls, bars: Sequence[Bar]) -> _TimeAxis:
+        start = min(bar.started_at for bar in bars)
+        return cls(start, max(max(bar.wrote_at for bar in bars) - start, 1e-9))
+
+    def x(self, moment: float) -> float:
+        """The x coordinate of ``moment`` (epoch seconds)."""
+        return SVG_LEFT + (moment - self.start) / self.span * SVG_PLOT
 
 
 def render_svg(sections: Sequence[tuple[str, Sequence[Bar]]]) -> str:
     """A self-contained SVG with one timeline per (title, bars) section, stacked top to bottom."""
-    width, left, right, lane_height = 960, 150, 20, 26
-    plot = width - left - right
     parts: list[str] = []
     y = 10
     for title, bars in sections:
-        parts.append(f'<text x="10" y="{y + 16}" font-size="15" font-weight="bold">{escape(title)}</text>')
-        y += 40
-        if not bars:
-            parts.append(f'<text x="{left}" y="{y + 14}" font-size="12">no sales to draw</text>')
-            y += 30
-            continue
-        start = min(bar.started_at for bar in bars)
-        span = max(max(bar.wrote_at for bar in bars) - start, 1e-9)
-
-        def x(moment: float, start: float = start, span: float = span) -> float:
-            return left + (moment - start) / span * plot
-
-        shared = shared_reads(bars)
-        colour = {count: _PALETTE[index % len(_PALETTE)] for index, count in enumerate(shared)}
-        top = y
-        for name, lane in lanes(bars).items():
-            parts.append(f'<text x="10" y="{y + 17}" font-size="12">{escape(name)}</text>')
-            parts.append(f'<line x1="{left}" x2="{left + plot}" y1="{y + 13}" y2="{y + 13}" stroke="#eee"/>')
-            for bar in lane:
-                fill = colour.get(bar.count_read, "#4878a8")
-                begin, end = x(bar.read_at), max(x(bar.wrote_at), x(bar.read_at) + 2)
-                parts.append(
-                    f'<line x1="{x(bar.started_at):.1f}" x2="{begin:.1f}" y1="{y + 13}" y2="{y + 13}" '
-                    'stroke="#999" stroke-dasharray="2,2"/>'
-                )
-                parts.append(
-                    f'<rect x="{begin:.1f}" y="{y + 4}" width="{end - begin:.1f}" height="18" fill="{fill}" rx="2">'
-                    f"<title>{escape(bar.buyer)}: read {bar.count_read}, wrote {bar.count_read - 1}</title></rect>"
-                )
-                if end - begin > 16:
-                    parts.append(
-                        f'<text x="{(begin + end) / 2:.1f}" y="{y + 17}" font-size="11" fill="white" '
-                        f'text-anchor="middle">{bar.count_read}</text>'
-                    )
-            y += lane_height
-        for count, group in shared.items():
-            moment = x(min(bar.read_at for bar in group))
-            parts.append(
-                f'<line x1="{moment:.1f}" x2="{moment:.1f}" y1="{top - 4}" y2="{y}" stroke="{colour[count]}" '
-                'stroke-dasharray="4,3"/>'
-            )
-            parts.append(
-                f'<text x="{moment + 2:.1f}" y="{top - 6}" font-size="10" fill="{colour[count]}">'
-                f"{len(group)}x read {count}</text>"
-            )
-        parts.append(
-            f'<text x="{left}" y="{y + 14}" font-size="11" fill="#555">0 ms</text>'
-            f'<text x="{left + plot}" y="{y + 14}" font-size="11" fill="#555" text-anchor="end">'
-            f"{span * 1000:.0f} ms</text>"
-        )
-        legend = (
-            f"{len(shared)} counts were read by several workers at once (same colour, dashed line): "
-            "each wrote count - 1, so one ticket went to several buyers."
-            if shared
-            else "Sales overlapped, yet each decremented a different count: the store checked every write."
-            if overlapping_pairs(bars)
-            else "Bars never overlap: every sale read the count the previous sale wrote."
-        )
-        parts.append(f'<text x="{left}" y="{y + 30}" font-size="12">{escape(legend)}</text>')
-        y += 50
+        drawn, y = _svg_section(title, bars, y)
+        parts += drawn
     body = "\n".join(parts)
     return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y + 10}" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{SVG_WIDTH}" height="{y + 10}" '
         f'font-family="sans-serif">\n<rect width="100%" height="100%" fill="white"/>\n{body}\n</svg>\n'
     )
+
+
+def _svg_section(title: str, bars: Sequence[Bar], y: int) -> tuple[list[str], int]:
+    """One section drawn from height ``y`` down: its title, a lane per worker, a dashed line at each count that
+    several sales read, the time axis and a legend; and the height where the next section starts."""
+    parts = [f'<text x="10" y="{y + 16}" font-size="15" font-weight="bold">{escape(title)}</text>']
+    y += 40
+    if not bars:
+        parts.append(f'<text x="{SVG_LEFT}" y="{y + 14}" font-size="12">no sales to draw</text>')
+        return parts, y + 30
+    axis = _TimeAxis.of(bars)
+    shared = shared_reads(bars)
+    colour = {count: _PALETTE[index % len(_PALETTE)] for index, count in enumerate(shared)}
+    top = y
+    for name, lane in lanes(bars).items():
+        parts.append(f'<text x="10" y="{y + 17}" font-size="12">{escape(name)}</text>')
+        parts.append(f'<line x1="{SVG_LEFT}" x2="{SVG_LEFT + SVG_PLOT}" y1="{y + 13}" y2="{y + 13}" stroke="#eee"/>')
+        for bar in lane:
+            parts += _svg_bar(bar, axis, y, colour.get(bar.count_read, _UNSHARED))
+        y += SVG_LANE_HEIGHT
+    for count, group in shared.items():
+        parts += _svg_shared_read(count, group, axis.x(min(bar.read_at for bar in group)), colour[count], top, y)
+    parts.append(
+        f'<text x="{SVG_LEFT}" y="{y + 14}" font-size="11" fill="#555">0 ms</text>'
+        f'<text x="{SVG_LEFT + SVG_PLOT}" y="{y + 14}" font-size="11" fill="#555" text-anchor="end">'
+        f"{axis.span * 1000:.0f} ms</text>"
+    )
+    parts.append(f'<text x="{SVG_LEFT}" y="{y + 30}" font-size="12">{escape(_svg_legend(bars, shared))}</text>')
+    return parts, y + 50
+
+
+def _svg_bar(bar: Bar, axis: _TimeAxis, y: int, fill: str) -> list[str]:
+    """One sale in its lane at height ``y``: a dotted wait from its start to its read, then a bar to its write,
+    labelled with the count it read when there is room."""
+    begin, end = axis.x(bar.read_at), max(axis.x(bar.wrote_at), axis.x(bar.read_at) + 2)
+    parts = [
+        f'<line x1="{axis.x(bar.started_at):.1f}" x2="{begin:.1f}" y1="{y + 13}" y2="{y + 13}" '
+        'stroke="#999" stroke-dasharray="2,2"/>',
+        f'<rect x="{begin:.1f}" y="{y + 4}" width="{end - begin:.1f}" height="18" fill="{fill}" rx="2">'
+        f"<title>{escape(bar.buyer)}: read {bar.count_read}, wrote {bar.count_read - 1}</title></rect>",
+    ]
+    if end - begin > 16:
+        parts.append(
+            f'<text x="{(begin + end) / 2:.1f}" y="{y + 17}" font-size="11" fill="white" '
+            f'text-anchor="middle">{bar.count_read}</text>'
+        )
+    return parts
+
+
+def _svg_shared_read(count: int, group: Sequence[Bar], moment: float, colour: str, top: int, bottom: int) -> list[str]:
+    """A dashed line across the lanes at ``moment``, where the first of ``group`` read ``count``, and its label."""
+    return [
+        f'<line x1="{moment:.1f}" x2="{moment:.1f}" y1="{top - 4}" y2="{bottom}" stroke="{colour}" '
+        'stroke-dasharray="4,3"/>',
+        f'<text x="{moment + 2:.1f}" y="{top - 6}" font-size="10" fill="{colour}">{len(group)}x read {count}</text>',
+    ]
+
+
+def _svg_legend(bars: Sequence[Bar], shared: dict[int, list[Bar]]) -> str:
+    """What the section shows, in one sentence."""
+    if shared:
+        return (
+            f"{len(shared)} counts were read by several workers at once (same colour, dashed line): "
+            "each wrote count - 1, so one ticket went to several buyers."
+        )
+    if overlapping_pairs(bars):
+        return CHECKED_OVERLAP
+    return "Bars never overlap: every sale read the count the previous sale wrote."

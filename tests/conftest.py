@@ -7,15 +7,18 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
+from loadtest.checker import INFO, Outcome
+from loadtest.client import classify
 from loadtest.embedded import EmbeddedService
 from loadtest.postgres import PostgresNotFound, ThrowawayPostgres
 from service import create_app, prepare_for_start
@@ -63,63 +66,143 @@ def postgres() -> Iterator[ThrowawayPostgres]:
 
 
 @pytest.fixture
-def api(service: EmbeddedService) -> Iterator[Api]:
+def api(service: EmbeddedService) -> Api:
     """The session's service, reset to 10 tickets in locked mode with the default race window."""
     api = Api(service.url)
     api.reset(tickets=10)
     api.put("/mode", {"mode": "locked", "race_window_ms": 20})
-    yield api
-    api.session.close()
+    return api
 
 
 class Api:
-    """A thin requests wrapper for tests: JSON in, responses out."""
+    """The tests' one HTTP client, on requests: JSON in, responses out, each request on a connection of its own
+    (so one Api may serve several threads); an admin token if given."""
 
-    def __init__(self, url: str, token: str | None = None) -> None:
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = 30) -> None:
         self.url = url
-        self.session = requests.Session()
-        if token:
-            self.session.headers["Authorization"] = f"Bearer {token}"
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.timeout_s = timeout_s
+
+    def request(self, method: str, path: str, body: object = None, **kwargs: Any) -> requests.Response:
+        """``method path`` with ``body`` as JSON; ``kwargs`` go to requests (headers, params, data, timeout)."""
+        kwargs["headers"] = {**self.headers, **(kwargs.get("headers") or {})}
+        kwargs.setdefault("timeout", self.timeout_s)
+        return requests.request(method, self.url + path, json=body, **kwargs)
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
-        return self.session.get(self.url + path, timeout=30, **kwargs)
+        return self.request("GET", path, **kwargs)
 
     def post(self, path: str, body: object = None, **kwargs: Any) -> requests.Response:
-        return self.session.post(self.url + path, json=body, timeout=30, **kwargs)
+        return self.request("POST", path, body, **kwargs)
 
     def put(self, path: str, body: object = None, **kwargs: Any) -> requests.Response:
-        return self.session.put(self.url + path, json=body, timeout=30, **kwargs)
+        return self.request("PUT", path, body, **kwargs)
+
+    def tickets(self) -> dict[str, Any]:
+        """``GET /tickets``: the event, its count and the mode in force."""
+        tickets: dict[str, Any] = _answer(self.get("/tickets"))
+        return tickets
 
     def reset(self, tickets: int) -> dict[str, Any]:
-        response = self.post("/reset", {"tickets": tickets})
-        assert response.status_code == 200, response.text
-        return response.json()
+        """``POST /reset``: ``tickets`` tickets, no orders."""
+        return _answer(self.post("/reset", {"tickets": tickets}))
 
     def all_orders(self) -> list[dict[str, Any]]:
-        response = self.get("/orders", params={"limit": 1000})
-        assert response.status_code == 200, response.text
-        return response.json()["orders"]
+        """Every recorded order (up to 1000)."""
+        orders: list[dict[str, Any]] = _answer(self.get("/orders", params={"limit": 1000}))["orders"]
+        return orders
+
+
+def _answer(response: requests.Response) -> Any:
+    """The JSON of a 200 answer; requests.HTTPError, with the service's own message, for any other status."""
+    if response.status_code != 200:
+        raise requests.HTTPError(f"{response.url}: {response.status_code} {response.text}", response=response)
+    return response.json()
+
+
+T = TypeVar("T")
+
+
+def release_together(
+    count: int, send: Callable[[int], T], concurrency: int | None = None, timeout_s: float = 60
+) -> list[T]:
+    """The tests' one start line: ``send(index)`` for each index below ``count``, results in index order, from
+    ``concurrency`` threads (default: one per index) that all wait at one barrier, so that they start together."""
+    threads = min(concurrency or count, count)
+    results: dict[int, T] = {}
+    indices = iter(range(count))
+    take_lock = threading.Lock()
+    start_line = threading.Barrier(threads)
+
+    def sender() -> None:
+        start_line.wait(timeout=timeout_s)
+        while True:
+            with take_lock:
+                index = next(indices, None)
+            if index is None:
+                return
+            results[index] = send(index)
+
+    senders = [threading.Thread(target=sender) for _ in range(threads)]
+    for thread in senders:
+        thread.start()
+    for thread in senders:
+        thread.join()
+    assert len(results) == count, "a sender thread failed"
+    return [results[index] for index in range(count)]
+
+
+def round_robin(urls: Sequence[str], timeout_s: float = 30) -> Callable[[int], Api]:
+    """The Api that request ``index`` goes to: the hosts in turn."""
+    apis = [Api(url, timeout_s=timeout_s) for url in urls]
+    return lambda index: apis[index % len(apis)]
 
 
 def buy_together(url: str, buyers: int, quantity: int = 1) -> list[requests.Response]:
-    """``buyers`` threads, each POSTing one order, all released at the same moment by a barrier."""
-    responses: list[requests.Response | None] = [None] * buyers
-    start_line = threading.Barrier(buyers)
+    """``buyers`` buyers (``buyer-0``, ``buyer-1``, ...) POSTing one order each, all released at the same moment."""
+    api = Api(url, timeout_s=60)
+    return release_together(
+        buyers, lambda index: api.post("/orders", {"buyer": f"buyer-{index}", "quantity": quantity})
+    )
 
-    def buyer(index: int) -> None:
-        with requests.Session() as session:
-            start_line.wait()
-            responses[index] = session.post(
-                f"{url}/orders", json={"buyer": f"buyer-{index}", "quantity": quantity}, timeout=60
-            )
 
-    threads = [threading.Thread(target=buyer, args=(index,)) for index in range(buyers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert all(response is not None for response in responses), "a buyer thread failed"
-    return [response for response in responses if response is not None]
+def purchase_outcome(api: Api, index: int) -> Outcome:
+    """Buyer ``index + 1``'s purchase as the load tester's checker reads it: ok, fail, or info when the answer
+    (or its absence) leaves it unknown."""
+    buyer = f"buyer-{index + 1}"
+    invoked_at = time.time()
+    try:
+        response = api.post("/orders", {"buyer": buyer, "quantity": 1})
+    except requests.RequestException as error:
+        failure = "timeout" if isinstance(error, requests.Timeout) else type(error).__name__
+        return Outcome(buyer, 1, INFO, invoked_at, time.time(), error=failure)
+    try:
+        body: object = response.json()
+    except ValueError:  # not JSON: an answer from something other than the service's error handler
+        body = response.text
+    return classify(buyer, 1, invoked_at, response.status_code, body)
+
+
+def start_load(
+    urls: Sequence[str], tickets: int, mode: str, race_window_ms: int | None = None
+) -> tuple[threading.Thread, list[Outcome]]:
+    """Reset to ``tickets`` in ``mode``, then 120 buyers, 12 at a time round-robin over ``urls``, from a background
+    thread; the list gets their outcomes when the last one has answered (each waits up to 20 s)."""
+    admin = Api(urls[0])
+    admin.reset(tickets)
+    change: dict[str, object] = {"mode": mode}
+    if race_window_ms is not None:
+        change["race_window_ms"] = race_window_ms
+    _answer(admin.put("/mode", change))
+    outcomes: list[Outcome] = []
+
+    def buy() -> None:
+        host = round_robin(urls, timeout_s=20)
+        outcomes.extend(release_together(120, lambda index: purchase_outcome(host(index), index), concurrency=12))
+
+    buyers = threading.Thread(target=buy, daemon=True)
+    buyers.start()
+    return buyers, outcomes
 
 
 def store_files(directory: Path) -> dict[str, bytes]:

@@ -6,10 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 
 from loadtest.embedded import EmbeddedService
-from tests.conftest import ADMIN_TOKEN, store_files
+from tests.conftest import ADMIN_TOKEN, Api, store_files
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +41,7 @@ def test_admin_calls_without_the_token_are_refused_and_change_nothing(
 ) -> None:
     before = store_files(guarded.directory)
 
-    response = requests.request(method, guarded.url + path, json=body, headers=headers, timeout=30)
+    response = Api(guarded.url).request(method, path, body, headers=headers)
 
     assert response.status_code == 401
     assert response.json()["error"] == "unauthorized"
@@ -54,26 +53,19 @@ def test_admin_calls_without_the_token_are_refused_and_change_nothing(
 def test_admin_calls_with_the_token_work(
     guarded: EmbeddedService, method: str, path: str, body: dict[str, object]
 ) -> None:
-    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    response = requests.request(method, guarded.url + path, json=body, headers=headers, timeout=30)
+    response = Api(guarded.url, ADMIN_TOKEN).request(method, path, body)
     assert response.status_code == 200, response.text
 
 
 def test_buyers_and_readers_need_no_token(guarded: EmbeddedService) -> None:
-    assert requests.get(guarded.url + "/tickets", timeout=30).status_code == 200
-    assert requests.post(guarded.url + "/orders", json={"buyer": "ana"}, timeout=30).status_code in (201, 409)
+    buyer = Api(guarded.url)
+    assert buyer.get("/tickets").status_code == 200
+    assert buyer.post("/orders", {"buyer": "ana"}).status_code in (201, 409)
 
 
 def test_the_token_is_never_logged(guarded: EmbeddedService) -> None:
-    requests.put(
-        guarded.url + "/mode", json={"mode": "locked"}, timeout=30, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    )
-    requests.put(
-        guarded.url + "/mode",
-        json={"mode": "locked"},
-        timeout=30,
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}-wrong"},
-    )
+    Api(guarded.url, ADMIN_TOKEN).put("/mode", {"mode": "locked"})
+    Api(guarded.url, f"{ADMIN_TOKEN}-wrong").put("/mode", {"mode": "locked"})
 
     log = Path(guarded.log_path).read_text()
 

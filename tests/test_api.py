@@ -8,7 +8,6 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-import requests
 from flask.testing import FlaskClient
 
 from loadtest.embedded import EmbeddedService
@@ -207,7 +206,7 @@ def test_bad_request_gets_a_json_error_and_changes_nothing(
     api.post("/orders", {"buyer": "someone"})  # so the journal has content that must stay the same
     before = store_files(service.directory)
 
-    response = requests.request(method, service.url + path, data=body, headers=headers, timeout=30)
+    response = api.request(method, path, data=body, headers=headers)
 
     assert response.status_code == status, response.text
     assert response.headers["Content-Type"] == "application/json"

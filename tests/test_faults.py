@@ -13,7 +13,6 @@ import resource
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,11 +22,9 @@ from typing import Any
 import pytest
 import requests
 
-from loadtest.checker import Check, Outcome, check
-from loadtest.client import ServiceClient
+from loadtest.checker import Check, check
 from loadtest.embedded import EmbeddedService
-from loadtest.runner import release_buyers
-from tests.conftest import Api, buy_together, lock_holders, read_db, store_files
+from tests.conftest import Api, buy_together, lock_holders, read_db, start_load, store_files
 
 
 def lock_holder(lock_path: Path) -> int | None:
@@ -45,7 +42,7 @@ def wait_for_workers(service: EmbeddedService, count: int) -> None:
 
 def _healthy(url: str) -> bool:
     try:
-        return requests.get(url + "/health", timeout=2).status_code == 200
+        return Api(url).get("/health", timeout=2).status_code == 200
     except requests.RequestException:
         return False
 
@@ -61,24 +58,14 @@ def assert_locked_invariants(result: Check, tickets: int, db_path: Path, orders:
     assert 0 <= sold_by_count - recorded <= result.info
 
 
-def start_locked_load(service: EmbeddedService, tickets: int) -> tuple[ServiceClient, threading.Thread, list[Outcome]]:
-    """Reset to ``tickets`` in locked mode, then send 120 buyers, 12 at a time, from a background thread."""
-    client = ServiceClient(service.url, timeout_s=20)
-    client.reset(tickets)
-    client.set_mode("locked")
-    outcomes: list[Outcome] = []
-    buyers = threading.Thread(target=lambda: outcomes.extend(release_buyers([client], 120, 12, "faults")), daemon=True)
-    buyers.start()
-    return client, buyers, outcomes
-
-
 # --- 1. Worker crash -----------------------------------------------------------------------------------------------
 
 
 def test_killing_workers_mid_purchase_never_oversells_nor_loses_an_order(tmp_path: Path) -> None:
     tickets = 40
     with EmbeddedService(workers=4, race_window_ms=40, directory=tmp_path) as service:
-        client, buyers, outcomes = start_locked_load(service, tickets)
+        api = Api(service.url)
+        buyers, outcomes = start_load([service.url], tickets, "locked")
         kills: list[tuple[int, bool]] = []
 
         random_choice = random.Random(7)
@@ -96,13 +83,13 @@ def test_killing_workers_mid_purchase_never_oversells_nor_loses_an_order(tmp_pat
         buyers.join(timeout=60)
         assert not buyers.is_alive()
         wait_for_workers(service, 4)
-        orders = client.all_orders()
-        result = check(tickets, outcomes, client.tickets()["remaining"], orders)
+        orders = api.all_orders()
+        result = check(tickets, outcomes, api.tickets()["remaining"], orders)
 
         assert len(kills) >= 3 and any(in_window for _, in_window in kills), kills
         assert result.info >= 1  # the killed workers' buyers never heard back
         assert_locked_invariants(result, tickets, service.db_path, orders)
-        assert client.all_orders() == orders  # and the journal reads the same after the dust settles
+        assert api.all_orders() == orders  # and the journal reads the same after the dust settles
 
 
 # --- 2. Whole-server crash --------------------------------------------------------------------------------------
@@ -111,7 +98,7 @@ def test_killing_workers_mid_purchase_never_oversells_nor_loses_an_order(tmp_pat
 def test_a_killed_server_restarts_cleanly_on_the_same_files(tmp_path: Path) -> None:
     tickets = 40
     with EmbeddedService(workers=4, race_window_ms=40, directory=tmp_path) as first:
-        _, buyers, outcomes = start_locked_load(first, tickets)
+        buyers, outcomes = start_load([first.url], tickets, "locked")
         while len((tmp_path / "db.json.orders").read_bytes().splitlines()) < 5:  # crash it mid-run
             time.sleep(0.01)
         os.killpg(first.master_pid or 0, signal.SIGKILL)  # master and every worker at once
@@ -125,18 +112,18 @@ def test_a_killed_server_restarts_cleanly_on_the_same_files(tmp_path: Path) -> N
         journal.write(b'{"order_id": "torn", "buyer": "crash", "qua')
 
     with EmbeddedService(workers=4, directory=tmp_path) as second:
-        client = ServiceClient(second.url)
-        orders = client.all_orders()
-        result = check(tickets, outcomes, client.tickets()["remaining"], orders)
+        api = Api(second.url)
+        orders = api.all_orders()
+        result = check(tickets, outcomes, api.tickets()["remaining"], orders)
 
         assert result.ok >= 1 and result.info >= 1, "the crash should hit the run in the middle"
         assert_locked_invariants(result, tickets, second.db_path, orders)
         assert "torn" not in {order["order_id"] for order in orders}
         assert not list(tmp_path.glob(".db.json.*.tmp"))
         # New sales go on after the torn line, on a line of their own.
-        after = requests.post(second.url + "/orders", json={"buyer": "after the crash"}, timeout=30)
+        after = api.post("/orders", {"buyer": "after the crash"})
         assert after.status_code == 201
-        assert client.all_orders()[-1] == after.json()
+        assert api.all_orders()[-1] == after.json()
         journal_lines = (tmp_path / "db.json.orders").read_bytes().splitlines()
         assert journal_lines[-2].endswith(b'"qua') and json.loads(journal_lines[-1]) == after.json()
 
@@ -212,7 +199,7 @@ def test_a_db_json_removed_at_run_time_is_reported_not_recreated(api: Api, servi
 def test_a_missing_db_json_is_created_from_the_configured_defaults(tmp_path: Path) -> None:
     environment = {"TICKETLOCK_TICKETS": "7", "TICKETLOCK_EVENT": "Matinee"}
     with EmbeddedService(workers=2, directory=tmp_path, environment=environment) as service:
-        tickets = requests.get(service.url + "/tickets", timeout=30).json()
+        tickets = Api(service.url).get("/tickets").json()
 
     assert (tickets["event"], tickets["total"], tickets["remaining"]) == ("Matinee", 7, 7)
     assert read_db(tmp_path / "db.json") == {"event": "Matinee", "total": 7, "remaining": 7, "version": 0}

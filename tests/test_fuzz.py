@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode
@@ -18,7 +17,7 @@ from schemathesis.checks import positive_data_acceptance
 from loadtest.embedded import EmbeddedService
 from service.routes import openapi_document
 from service.stores.file import FileStore
-from tests.conftest import ADMIN_TOKEN, store_files
+from tests.conftest import ADMIN_TOKEN, Api, store_files
 
 # The document as the fuzzed service serves it: a file store's, whose PUT /mode accepts the modes it runs.
 schema = schemathesis.openapi.from_dict(openapi_document(FileStore.modes()))
@@ -67,4 +66,4 @@ def test_no_input_breaks_the_service_or_changes_the_store_when_rejected(
         assert store_files(fuzzed.directory) == before, f"{case.as_curl_command()} changed the store"
     if case.method == "PUT" and response.status_code == 200:
         # Keep the next examples fast: a fuzzed race window can be 5 s long.
-        requests.put(fuzzed.url + "/mode", json={"race_window_ms": 0}, headers=AUTHORIZATION, timeout=30)
+        Api(fuzzed.url, ADMIN_TOKEN).put("/mode", {"race_window_ms": 0})

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections import Counter
 
-import requests
-
 from loadtest.embedded import EmbeddedService
-from tests.conftest import Api, store_files
+from tests.conftest import Api, release_together, store_files
 
 
 def test_a_retry_returns_the_same_order_with_200(api: Api) -> None:
@@ -28,18 +25,8 @@ def test_a_retry_returns_the_same_order_with_200(api: Api) -> None:
 def test_concurrent_retries_on_different_workers_sell_once(api: Api, service: EmbeddedService) -> None:
     key = {"Idempotency-Key": str(uuid.uuid4())}
     retries = 24
-    responses: list[requests.Response] = []
-    start_line = threading.Barrier(retries)
 
-    def retry() -> None:
-        start_line.wait()
-        responses.append(requests.post(f"{service.url}/orders", json={"buyer": "ana"}, headers=key, timeout=30))
-
-    threads = [threading.Thread(target=retry) for _ in range(retries)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    responses = release_together(retries, lambda _: api.post("/orders", {"buyer": "ana"}, headers=key))
 
     assert Counter(response.status_code for response in responses) == {201: 1, 200: retries - 1}
     assert len({response.json()["order_id"] for response in responses}) == 1

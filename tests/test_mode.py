@@ -6,15 +6,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import requests
 
 from loadtest.embedded import EmbeddedService
 from tests.conftest import Api, lock_holders
 
 
-def _ask_many_times(url: str, path: str, times: int) -> list[dict[str, object]]:
+def _ask_many_times(api: Api, path: str, times: int) -> list[dict[str, object]]:
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(lambda _: requests.get(url + path, timeout=30).json(), range(times)))
+        return list(pool.map(lambda _: api.get(path).json(), range(times)))
 
 
 @pytest.mark.parametrize("sequence", [["unlocked", "locked"], ["locked", "unlocked", "locked"]])
@@ -24,7 +23,7 @@ def test_every_worker_sees_a_mode_change_on_its_next_request(
     for mode in sequence:
         assert api.put("/mode", {"mode": mode}).json()["mode"] == mode
 
-        answers = _ask_many_times(service.url, "/tickets", 80)
+        answers = _ask_many_times(api, "/tickets", 80)
 
         assert {answer["mode"] for answer in answers} == {mode}
         assert len({answer["worker_pid"] for answer in answers}) >= 2, "only one worker answered"
@@ -33,7 +32,7 @@ def test_every_worker_sees_a_mode_change_on_its_next_request(
 def test_race_window_changes_at_run_time_for_every_worker(api: Api, service: EmbeddedService) -> None:
     assert api.put("/mode", {"race_window_ms": 0}).json() == {"mode": "locked", "race_window_ms": 0}
 
-    answers = _ask_many_times(service.url, "/mode", 40)
+    answers = _ask_many_times(api, "/mode", 40)
 
     assert all(answer == {"mode": "locked", "race_window_ms": 0} for answer in answers)
 
@@ -51,10 +50,7 @@ def test_a_mode_change_is_not_lost_to_purchases_racing_with_it(api: Api, service
     # they then write their stale reads back. The mode must survive those writes.
     api.put("/mode", {"mode": "unlocked", "race_window_ms": 600})
     with ThreadPoolExecutor(max_workers=3) as pool:
-        purchases = [
-            pool.submit(requests.post, f"{service.url}/orders", json={"buyer": f"slow-{n}"}, timeout=30)
-            for n in range(3)
-        ]
+        purchases = [pool.submit(api.post, "/orders", {"buyer": f"slow-{n}"}) for n in range(3)]
         _wait_for_shared_holders(service, 3)
         switched_at = time.time()
         assert api.put("/mode", {"mode": "locked"}).status_code == 200
@@ -75,7 +71,7 @@ def test_a_safe_mode_is_not_oversold_by_unlocked_purchases_still_in_flight(
     api.reset(tickets=1)
     api.put("/mode", {"mode": "unlocked", "race_window_ms": 600})
     with ThreadPoolExecutor(max_workers=1) as pool:
-        straggler = pool.submit(requests.post, f"{service.url}/orders", json={"buyer": "straggler"}, timeout=30)
+        straggler = pool.submit(api.post, "/orders", {"buyer": "straggler"})
         _wait_for_shared_holders(service, 1)
         api.put("/mode", {"mode": safe_mode})
         late = api.post("/orders", {"buyer": "late"})

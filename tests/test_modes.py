@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
 from loadtest.embedded import EmbeddedService
 from loadtest.timeline import Bar, bars_from_orders, overlapping_pairs
@@ -139,7 +138,7 @@ def test_optimistic_purchases_give_up_after_the_bounded_attempts_and_sell_nothin
         for response in gave_up:
             assert response.json()["error"] == "too_many_conflicts"
             assert response.headers["Retry-After"] == "1"
-        tickets = requests.get(single_try.url + "/tickets", timeout=30).json()
+        tickets = Api(single_try.url).get("/tickets").json()
         assert tickets["sold"] == statuses[201]
 
 

@@ -27,11 +27,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import requests
 
 from loadtest.embedded import EmbeddedService
 from loadtest.timeline import bars_from_orders, overlapping_pairs, shared_reads
-from tests.conftest import ADMIN_TOKEN, ROOT, run_cli, start_cli
+from tests.conftest import ADMIN_TOKEN, ROOT, Api, run_cli, start_cli
 
 try:
     from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, Request, expect, sync_playwright
@@ -217,15 +216,16 @@ class Store:
 
 def read_store(url: str) -> Store:
     """Every order through the same feed the page reads, then the count (in that order, as the page does)."""
+    api = Api(url)
     orders: list[dict[str, Any]] = []
     cursor = ""
     while True:
-        feed = requests.get(f"{url}/orders", params={"after": cursor, "limit": 1000}, timeout=30).json()
+        feed = api.get("/orders", params={"after": cursor, "limit": 1000}).json()
         orders += feed["orders"]
         cursor = feed["cursor"]
         if len(feed["orders"]) < 1000:
             break
-    tickets = requests.get(f"{url}/tickets", timeout=30).json()
+    tickets = api.get("/tickets").json()
     return Store(total=tickets["total"], remaining=tickets["remaining"], orders=orders)
 
 
@@ -338,12 +338,23 @@ def release_buyers(page: Page, buyers: int) -> Release:
 
 def test_the_page_shows_the_race_unlocked_and_no_overlap_locked(watched: WatchedPage, live: EmbeddedService) -> None:
     page = watched.open()
-    offered = [
-        mode["name"] for mode in requests.get(f"{live.url}/modes", timeout=30).json()["modes"] if mode["available"]
-    ]
+    offered = [mode["name"] for mode in Api(live.url).get("/modes").json()["modes"] if mode["available"]]
     assert page.locator("#mode-select option").evaluate_all("options => options.map(o => o.value)") == offered
 
-    # The service has an admin token: the first change asks for it, a wrong one is refused in clear words.
+    switch_to_unlocked_asking_for_the_token(page)
+    set_race_window(page, 50)
+    the_page_shows_an_unlocked_race(page, live.url)
+    # Locked: the same buyers, one sale at a time; the token is already known, so nothing is asked.
+    choose_mode(page, "locked")
+    expect(page.locator("#mode")).to_have_text("locked")
+    the_page_shows_locked_sales_one_after_another(page, live.url)
+    expect(page.locator("#token-form")).to_be_hidden()
+    watched.assert_clean()
+
+
+def switch_to_unlocked_asking_for_the_token(page: Page) -> None:
+    """The service has an admin token: the first change asks for it, a wrong one is refused in clear words, the
+    right one is kept for this tab only."""
     choose_mode(page, "unlocked")
     expect(page.locator("#token-why")).to_contain_text("needs its admin token")
     expect(page.locator("#message")).to_contain_text("401")
@@ -357,13 +368,15 @@ def test_the_page_shows_the_race_unlocked_and_no_overlap_locked(watched: Watched
     expect(page.locator("#token-form")).to_be_hidden()
     kept = page.evaluate("[sessionStorage.getItem('ticketlock-admin-token'), localStorage.length]")
     assert kept == [ADMIN_TOKEN, 0], "the token is kept for this tab only"
-    set_race_window(page, 50)
 
-    # Unlocked: buyers that reach the server together read the same count and each write count - 1.
+
+def the_page_shows_an_unlocked_race(page: Page, url: str) -> None:
+    """Unlocked: buyers that reach the server together read the same count and each write count - 1; the page
+    shows the oversell, the overlapping bars and the shared reads the store's orders hold (and saves a screenshot)."""
     for _attempt in range(3):  # a browser sends only six at once; one release almost always suffices
         reset(page, 10)
         release = release_buyers(page, 100)
-        store = page_agrees_with_store(page, live.url)
+        store = page_agrees_with_store(page, url)
         if store.oversold:
             break
     assert store.oversold > 0, "three releases of 100 buyers, unlocked, never oversold"
@@ -379,12 +392,12 @@ def test_the_page_shows_the_race_unlocked_and_no_overlap_locked(watched: Watched
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=SCREENSHOT, full_page=True)
 
-    # Locked: the same buyers, one sale at a time; the token is already known, so nothing is asked.
-    choose_mode(page, "locked")
-    expect(page.locator("#mode")).to_have_text("locked")
+
+def the_page_shows_locked_sales_one_after_another(page: Page, url: str) -> None:
+    """Locked: 100 buyers for 10 tickets sell exactly 10, and the page draws ten bars that never overlap."""
     reset(page, 10)
     release = release_buyers(page, 100)
-    store = page_agrees_with_store(page, live.url)
+    store = page_agrees_with_store(page, url)
     assert (release.told_yes, len(store.orders), store.oversold, store.lost_updates) == (10, 10, 0, 0)
     expect(page.locator("#tally-oversold")).to_have_text("0")
     expect(page.locator("#tally-oversold")).to_have_class("safe")
@@ -397,8 +410,6 @@ def test_the_page_shows_the_race_unlocked_and_no_overlap_locked(watched: Watched
     expect(page.locator("#legend")).to_have_text(
         "No two sales overlapped: each one read the count the previous one wrote."
     )
-    expect(page.locator("#token-form")).to_be_hidden()
-    watched.assert_clean()
 
 
 BUYERS = 2000
@@ -406,9 +417,9 @@ BUYERS = 2000
 
 def test_the_page_follows_the_command_line_load_tester(watched: WatchedPage, live: EmbeddedService) -> None:
     page = watched.open()
-    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    requests.post(f"{live.url}/reset", json={"tickets": 10}, headers=admin, timeout=30).raise_for_status()
-    answer = requests.post(f"{live.url}/orders", json={"buyer": "before the load tester"}, timeout=30)
+    admin = Api(live.url, ADMIN_TOKEN)
+    admin.reset(tickets=10)
+    answer = Api(live.url).post("/orders", {"buyer": "before the load tester"})
     assert answer.status_code == 201, answer.text
     expect(page.locator("#latest .buyer").first).to_have_text("before the load tester", timeout=WAIT_MS)
 
@@ -453,11 +464,11 @@ HOSTILE_NAMES = ["<img src=x onerror=alert(1)>", "</title><script>alert(2)</scri
 
 
 def test_a_buyer_named_like_html_is_shown_as_text_and_never_runs(watched: WatchedPage, live: EmbeddedService) -> None:
-    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    requests.put(f"{live.url}/mode", json={"mode": "locked"}, headers=admin, timeout=30).raise_for_status()
-    requests.post(f"{live.url}/reset", json={"tickets": 10}, headers=admin, timeout=30).raise_for_status()
+    admin = Api(live.url, ADMIN_TOKEN)
+    admin.put("/mode", {"mode": "locked"}).raise_for_status()
+    admin.reset(tickets=10)
     for name in HOSTILE_NAMES:
-        answer = requests.post(f"{live.url}/orders", json={"buyer": name}, timeout=30)
+        answer = Api(live.url).post("/orders", {"buyer": name})
         assert answer.status_code == 201, answer.text
 
     page = watched.open()

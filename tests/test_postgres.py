@@ -26,12 +26,10 @@ import pytest
 import requests
 
 from loadtest.checker import Check, Outcome, check
-from loadtest.client import ServiceClient, ServiceError, ServiceUnreachable
 from loadtest.cluster import Cluster
 from loadtest.postgres import ThrowawayPostgres
-from loadtest.runner import release_buyers
 from service.stores.postgres import PostgresStore
-from tests.conftest import Api, buy_together, run_cli
+from tests.conftest import Api, buy_together, run_cli, start_load
 
 POSTGRES_MODES = [mode.name for mode in PostgresStore.modes()]
 # On two hosts of four workers each, as the cluster of these tests runs.
@@ -47,14 +45,12 @@ def cluster(postgres: ThrowawayPostgres) -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def hosts(cluster: Cluster) -> Iterator[list[Api]]:
+def hosts(cluster: Cluster) -> list[Api]:
     """One API client per host, the store reset to 10 tickets in locked mode with the default race window."""
     apis = [Api(url) for url in cluster.urls]
     apis[0].reset(tickets=10)
     apis[0].put("/mode", {"mode": "locked", "race_window_ms": 20})
-    yield apis
-    for api in apis:
-        api.session.close()
+    return apis
 
 
 @pytest.fixture
@@ -198,23 +194,12 @@ def test_the_live_feed_misses_no_order_and_repeats_none_while_hosts_sell(hosts: 
 # --- Faults -----------------------------------------------------------------------------------------------------
 
 
-def _start_load(clients: list[ServiceClient], mode: str, tickets: int) -> tuple[threading.Thread, list[Outcome]]:
-    """Reset to ``tickets`` in ``mode`` (40 ms window), then 120 buyers, 12 at a time over both hosts, in the
-    background."""
-    clients[0].reset(tickets)
-    clients[0].set_mode(mode, 40)
-    outcomes: list[Outcome] = []
-    buyers = threading.Thread(target=lambda: outcomes.extend(release_buyers(clients, 120, 12, "faults")), daemon=True)
-    buyers.start()
-    return buyers, outcomes
-
-
-def _finish(buyers: threading.Thread, outcomes: list[Outcome], clients: list[ServiceClient], tickets: int) -> Check:
+def _finish(buyers: threading.Thread, outcomes: list[Outcome], urls: list[str], tickets: int) -> Check:
     """Wait for the load to end, then check: nothing oversold, no acknowledged order lost, and, a transaction being
     all or nothing, a count that matches the recorded orders exactly."""
     buyers.join(timeout=120)
     assert not buyers.is_alive()
-    orders, remaining = _read_back(clients)
+    orders, remaining = _read_back(urls)
     result = check(tickets, outcomes, remaining, orders)
     assert result.correct, result.anomalies
     assert not result.lost_orders and result.oversold == 0
@@ -222,13 +207,14 @@ def _finish(buyers: threading.Thread, outcomes: list[Outcome], clients: list[Ser
     return result
 
 
-def _read_back(clients: list[ServiceClient], within_s: float = 20) -> tuple[list[dict[str, Any]], int]:
+def _read_back(urls: list[str], within_s: float = 20) -> tuple[list[dict[str, Any]], int]:
     """The recorded orders (from one host) and the remaining count (from the other), once they answer again."""
+    apis = [Api(url, timeout_s=20) for url in urls]
     deadline = time.monotonic() + within_s
     while True:
         try:
-            return clients[1].all_orders(), clients[0].tickets()["remaining"]
-        except (ServiceError, ServiceUnreachable):
+            return apis[1].all_orders(), apis[0].tickets()["remaining"]
+        except requests.RequestException:
             assert time.monotonic() < deadline, f"the service did not answer within {within_s} s"
             time.sleep(0.1)
 
@@ -271,9 +257,8 @@ def _holder_of_a_contended_lock(database: psycopg.Connection[Any]) -> int | None
 def test_killing_the_worker_that_holds_the_database_lock_releases_it_and_loses_nothing(
     cluster: Cluster, database: psycopg.Connection[Any], mode: str
 ) -> None:
-    clients = [ServiceClient(url, timeout_s=20) for url in cluster.urls]
     tickets = 40
-    buyers, outcomes = _start_load(clients, mode, tickets)
+    buyers, outcomes = start_load(cluster.urls, tickets, mode, race_window_ms=40)
     killed: list[int] = []
     while buyers.is_alive() and len(killed) < 3:
         holder = _holder_of_a_contended_lock(database)
@@ -284,7 +269,7 @@ def test_killing_the_worker_that_holds_the_database_lock_releases_it_and_loses_n
         killed.append(holder)
         time.sleep(0.2)  # let the database see the connection drop and hand the lock on
 
-    result = _finish(buyers, outcomes, clients, tickets)
+    result = _finish(buyers, outcomes, cluster.urls, tickets)
     assert killed, "no worker was caught holding the lock"
     assert result.info >= 1  # the killed workers' buyers never heard back
     assert result.ok >= 10  # the lock was handed on: sales went on after each kill
@@ -301,15 +286,14 @@ def _terminate_service_connections(database: psycopg.Connection[Any]) -> int:
 def test_terminating_every_service_connection_mid_load_loses_nothing_and_recovers(
     cluster: Cluster, database: psycopg.Connection[Any]
 ) -> None:
-    clients = [ServiceClient(url, timeout_s=20) for url in cluster.urls]
     tickets = 60
-    buyers, outcomes = _start_load(clients, "atomic", tickets)
+    buyers, outcomes = start_load(cluster.urls, tickets, "atomic", race_window_ms=40)
     terminated = []
     for _ in range(3):
         time.sleep(0.3)
         terminated.append(_terminate_service_connections(database))
 
-    _finish(buyers, outcomes, clients, tickets)
+    _finish(buyers, outcomes, cluster.urls, tickets)
     assert sum(terminated) >= 4, terminated
     _assert_answers_were_json_and_bounded(outcomes)
     _wait_until_selling(cluster.urls[0])
@@ -318,15 +302,14 @@ def test_terminating_every_service_connection_mid_load_loses_nothing_and_recover
 def test_a_database_restart_mid_load_answers_503_then_recovers_by_itself(
     cluster: Cluster, postgres: ThrowawayPostgres
 ) -> None:
-    clients = [ServiceClient(url, timeout_s=20) for url in cluster.urls]
     tickets = 60
-    buyers, outcomes = _start_load(clients, "row-lock", tickets)
+    buyers, outcomes = start_load(cluster.urls, tickets, "row-lock", race_window_ms=40)
     time.sleep(0.3)
     postgres.stop()
-    down = [requests.post(url + "/orders", json={"buyer": "while down"}, timeout=20) for url in cluster.urls]
+    down = [Api(url).post("/orders", {"buyer": "while down"}, timeout=20) for url in cluster.urls]
     postgres.restart()
 
-    _finish(buyers, outcomes, clients, tickets)
+    _finish(buyers, outcomes, cluster.urls, tickets)
     back_after_s = _wait_until_selling(cluster.urls[1])
     for answer in down:
         assert (answer.status_code, answer.json()["error"]) == (503, "store_unavailable")

@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from loadtest.embedded import processes_in_group
-from tests.conftest import ROOT
+from tests.conftest import ROOT, Api
 
 BIN = Path(sys.executable).parent
 STARTS = {
@@ -57,7 +57,7 @@ def started(command: list[str], folder: Path, port: int) -> Iterator[str]:
         while True:
             assert process.poll() is None, log.read_text()
             with suppress(requests.ConnectionError):
-                if requests.get(url + "/health", timeout=2).status_code == 200:
+                if Api(url).get("/health", timeout=2).status_code == 200:
                     break
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
@@ -86,11 +86,12 @@ def test_each_usual_start_command_serves_from_a_fresh_clone(tmp_path: Path, name
     command = [part.format(bin=BIN, port=port) for part in STARTS[name]]
 
     with started(command, tmp_path, port) as url:
+        api = Api(url)
         # The first requests arrive together, so several workers find the settings file missing at once.
         with ThreadPoolExecutor(max_workers=8) as pool:
-            first = list(pool.map(lambda _: requests.get(url + "/tickets", timeout=30), range(8)))
-        order = requests.post(url + "/orders", json={"buyer": "ana"}, timeout=30)
-        tickets = requests.get(url + "/tickets", timeout=30)
+            first = list(pool.map(lambda _: api.get("/tickets"), range(8)))
+        order = api.post("/orders", {"buyer": "ana"})
+        tickets = api.get("/tickets")
 
     assert {response.status_code for response in first} == {200}, [response.text for response in first]
     assert order.status_code == 201, order.text

@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from service.modes import MODES, TABLE, Feature, Mode, Read, Write
 from service.purchase import PurchaseRequest, purchase
 from service.stores import STORES, Inventory, Order, Store
 from service.stores.base import Conflict
+from tests.conftest import release_together
 
 WINDOW_MS = 150  # long enough that concurrent sales surely overlap in their race windows
 
@@ -244,20 +244,14 @@ def test_a_reset_waits_for_the_sales_in_flight(store: Store) -> None:
 
 def _buy_together(store: Store, buyers: int) -> list[Order]:
     """``buyers`` threads buying at once through ``purchase``: the orders they were told they got."""
-    start_line = threading.Barrier(buyers)
-    told: list[Order] = []
 
-    def buyer(index: int) -> None:
-        start_line.wait(timeout=10)
-        with suppress(SoldOut):
-            told.append(purchase(store, PurchaseRequest(f"buyer-{index}", 1), store.config).order)
+    def buyer(index: int) -> Order | None:
+        try:
+            return purchase(store, PurchaseRequest(f"buyer-{index}", 1), store.config).order
+        except SoldOut:
+            return None
 
-    threads = [threading.Thread(target=buyer, args=(index,)) for index in range(buyers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    return told
+    return [order for order in release_together(buyers, buyer) if order is not None]
 
 
 def _in_another_thread(action: Callable[[], None]) -> None:
