@@ -332,7 +332,3 @@ def mask_password(url: str) -> str:
         return url
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
-
-
-if __name__ == "__main__":
-    print(configuration_table())
