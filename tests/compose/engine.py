@@ -3,7 +3,7 @@
 engine.sh does what is shell (host packages, containerd and dockerd, the stand-in images) and says on its
 standard output when the engine is ready; it stops everything it started once its standard input closes, which
 happens when ``private_engine`` exits or when the test's process dies. Every command the test runs against the
-engine goes through ``Engine.attempt`` or ``Engine.run``: bounded in time, its output kept in the run's log.
+engine goes through ``Engine.run``: bounded in time, its output kept in the run's log.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class EngineUnavailable(Exception):
 
     def __init__(self, output: list[str]) -> None:
         super().__init__(output[-1] if output else "could not set up the engine")
-        self.output = "\n".join(output)
+        self.output = "\n".join(output[:-1])
 
 
 @dataclass(frozen=True)
@@ -79,16 +79,16 @@ class Engine:
         """The hadolint binary engine.sh installed."""
         return self.settings["HADOLINT"]
 
-    def attempt(
+    def run(
         self,
         step: str,
         command: Sequence[str],
         timeout_s: float = 60,
         environment: Mapping[str, str] | None = None,
         merge_errors: bool = False,
-    ) -> subprocess.CompletedProcess[str]:
-        """Run ``command`` for at most ``timeout_s``, or fail naming ``step``. Its outputs go to the log too, and its
-        standard error into its standard output with ``merge_errors``."""
+    ) -> str:
+        """The output of ``command``, run for at most ``timeout_s``; fails naming ``step`` unless it succeeds in time.
+        Its outputs go to the log too, and its standard error into its standard output with ``merge_errors``."""
         try:
             completed = subprocess.run(
                 command,
@@ -100,24 +100,13 @@ class Engine:
                 timeout=timeout_s,
             )
         except subprocess.TimeoutExpired:
-            pytest.fail(f"compose test: could not {step} within {timeout_s:g} s; {self.log_tail()}")
+            pytest.fail(f"compose test: FAILED: could not {step} within {timeout_s:g} s; {self.log_tail()}")
+        output = completed.stdout + (completed.stderr or "")
         with self.log.open("a") as log:
-            log.write(f"$ {' '.join(command)}\n{completed.stdout}{completed.stderr or ''}")
-        return completed
-
-    def run(
-        self,
-        step: str,
-        command: Sequence[str],
-        timeout_s: float = 60,
-        environment: Mapping[str, str] | None = None,
-        merge_errors: bool = False,
-    ) -> str:
-        """``attempt``, failing unless the command succeeds; its output."""
-        completed = self.attempt(step, command, timeout_s, environment, merge_errors)
+            log.write(f"$ {' '.join(command)}\n{output}")
         if completed.returncode != 0:
-            output = last_lines(completed.stdout + (completed.stderr or ""), 40)
-            pytest.fail(f"compose test: FAILED (exit status {completed.returncode}) while trying to {step}:\n{output}")
+            status = completed.returncode
+            pytest.fail(f"compose test: FAILED (exit status {status}) trying to {step}:\n{last_lines(output, 40)}")
         return completed.stdout
 
     def log_tail(self) -> str:

@@ -39,4 +39,6 @@ def check_verdicts(report: str, required: Iterable[str], hosts: int, workers: in
     assert not missing, f"the load tester printed no verdict for {', '.join(missing)}"
     for mode, line in lines.items():
         outcome, says_so = expected_outcome(mode, hosts, workers)
-        assert says_so.search(line), f"the {mode.upper()} phase was not {outcome}, as expected: {line}"
+        assert says_so.search(line), (
+            f"{mode.upper()} was not {outcome} as expected on {hosts} host(s) of {workers} workers: {line}"
+        )
