@@ -1,4 +1,4 @@
-"""Both docker-compose demos, run for real on a private Docker engine (README, "Docker compose").
+"""Both docker-compose demos, run for real on a private Docker engine (docs/compose.md).
 
   single-host (the default profile): api (one container, 4 workers, db.json), lb (nginx), loadtest: the
     unlocked phase oversells, the locked phase is correct.
