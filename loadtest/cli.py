@@ -138,6 +138,14 @@ def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument(
         "--timeout", type=float, default=10.0, help="seconds before a request counts as unknown (default 10)"
     )
+    load.add_argument(
+        "--pause-holder",
+        type=int,
+        metavar="MS",
+        help="in each lease phase, stop the worker holding the lease with SIGSTOP for MS ms, then SIGCONT (embedded "
+        "hosts only; longer than the lease, shorter than gunicorn's worker timeout; default on embedded hosts with "
+        "a lock service: the lease modes once more, paused twice the lease)",
+    )
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -168,9 +176,9 @@ def throughput_cli(arguments: argparse.Namespace, options: LoadOptions, out: Tex
     """``--throughput``: each mode's requests/s and latency, measured like wrk, from several processes."""
     window = 0 if options.race_window_ms is None else options.race_window_ms
     try:
-        with target(options) as clients:
-            client = clients[0]
-            _, modes = modes_to_run(client, options.modes)
+        with target(options) as hosts:
+            client = hosts.clients[0]
+            _, modes = modes_to_run(client.modes(), options.modes)
             speed = ThroughputOptions(
                 client.base_url,
                 duration_s=arguments.throughput,
@@ -219,6 +227,8 @@ def options_from(arguments: argparse.Namespace) -> LoadOptions:
         raise ValueError("--hosts and --store describe embedded hosts: leave them out with --url")
     if arguments.hosts > 1 and arguments.store != "postgres":
         raise ValueError("--hosts above 1 needs --store postgres: hosts share one database, never one db.json")
+    if arguments.pause_holder is not None and (arguments.url or arguments.pause_holder < 1):
+        raise ValueError("--pause-holder takes a positive number of ms, and stops a worker of the embedded hosts only")
     if arguments.svg is not None and not arguments.svg.resolve().parent.is_dir():
         raise ValueError(f"--svg: the folder of {arguments.svg} does not exist")
     return LoadOptions(
@@ -234,6 +244,7 @@ def options_from(arguments: argparse.Namespace) -> LoadOptions:
         trials=arguments.trials,
         race_window_ms=arguments.race_window_ms,
         timeout_s=arguments.timeout,
+        pause_holder_ms=arguments.pause_holder,
     )
 
 
@@ -250,13 +261,13 @@ def failure_reasons(result: RunResult, *, require_oversell: bool = False) -> lis
     for phase in result.phases:
         if as_expected(phase, deployment):
             continue
-        if deployment.expects_correct(phase.mode):
+        if deployment.expects_correct(phase):
             reasons.append(
-                f"{phase.mode} trial {phase.trial} is not correct with {where}: {'; '.join(phase.check.anomalies)}"
+                f"{phase.label} trial {phase.trial} is not correct with {where}: {'; '.join(phase.check.anomalies)}"
             )
         elif require_oversell:
             reasons.append(
-                f"--require-oversell: {phase.mode} trial {phase.trial} did not oversell with {where} "
+                f"--require-oversell: {phase.label} trial {phase.trial} did not oversell with {where} "
                 "(one worker hides the race: use more --workers, or a longer --race-window-ms)"
             )
     return reasons

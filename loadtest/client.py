@@ -84,8 +84,15 @@ class ServiceClient:
         return self.expect(self.request("GET", "/tickets"), 200, "reading the inventory")
 
     def modes(self) -> dict[str, Any]:
-        """``GET /modes``: the store, the mode in force, and every mode with whether this store runs it."""
+        """``GET /modes``: the store, the mode in force, the lease, and every mode with whether this store runs it."""
         return self.expect(self.request("GET", "/modes"), 200, "listing the modes")
+
+    def refusals(self) -> list[dict[str, Any]]:
+        """``GET /refusals``: the stale writes the store refused since the last reset."""
+        refusals: list[dict[str, Any]] = self.expect(self.request("GET", "/refusals"), 200, "listing refusals")[
+            "refusals"
+        ]
+        return refusals
 
     def reset(self, tickets: int) -> dict[str, Any]:
         """``POST /reset``: ``tickets`` tickets, no orders."""
@@ -129,7 +136,14 @@ def send(
 
 
 # Server errors after which the service promises nothing was sold: the checker holds it to that promise.
-NOTHING_SOLD = {"lock_timeout", "too_many_conflicts", "store_damaged", "store_write_failed", "store_unavailable"}
+NOTHING_SOLD = {
+    "lock_timeout",
+    "too_many_conflicts",
+    "store_damaged",
+    "store_write_failed",
+    "store_unavailable",
+    "lock_unavailable",
+}
 
 
 def buy(connection: http.client.HTTPConnection, path: str, buyer: str, quantity: int = 1) -> Outcome:

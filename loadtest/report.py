@@ -1,4 +1,7 @@
-"""Presenting a run: one verdict line per mode, a side-by-side table, the timelines, and the JSON document."""
+"""Presenting a run: one verdict line per phase, a side-by-side table, the timelines, and the JSON document.
+
+A phase is named by its mode, and "+pause" when its lease holder was stopped (``runner.Phase``).
+"""
 
 from __future__ import annotations
 
@@ -8,23 +11,20 @@ from typing import Any, TextIO
 
 from loadtest.runner import Deployment, PhaseResult, RunResult
 from loadtest.throughput import ThroughputResult
-from loadtest.timeline import bars_from_orders, overlapping_pairs, render_text, shared_reads
+from loadtest.timeline import Bar, bars_from_orders, overlapping_pairs, refused_bars, render_text, shared_reads
 from service.modes import MODES
 
 CELL_WIDTH = 16  # "repeatable-read" and a space
 TABLE_WIDTH = 120  # a side-by-side table wider than this is printed in blocks of modes
 
 
-def modes_in(result: RunResult) -> list[str]:
-    """The modes of the run, in the order they ran."""
-    return list(dict.fromkeys(phase.mode for phase in result.phases))
-
-
-def verdict(mode: str, phases: Sequence[PhaseResult], deployment: Deployment) -> str:
+def verdict(label: str, phases: Sequence[PhaseResult], deployment: Deployment) -> str:
     """One line a learner can read: what the buyers were told, whether the store agrees, and whether that is what
     the mode promises where it ran (with the mode's lesson, the one-line why)."""
     first = phases[0].check
-    head = f"{mode.upper()}: {_count(first.buyers, 'buyer')}, {_count(first.tickets, 'ticket')}"
+    head = f"{label.upper()}: {_count(first.buyers, 'buyer')}, {_count(first.tickets, 'ticket')}"
+    if (pause := phases[0].pause) is not None:
+        head += f", {pause.host} pid {pause.worker_pid} stopped {pause.ms:.0f} ms holding the lease"
     if len(phases) > 1:
         oversold = [phase.check.oversold for phase in phases]
         wrong = sum(1 for phase in phases if not phase.check.correct)
@@ -36,7 +36,7 @@ def verdict(mode: str, phases: Sequence[PhaseResult], deployment: Deployment) ->
                 f"anomalies in {wrong} of {len(phases)}; "
                 f"oversold in {sum(1 for count in oversold if count)} (by {_span(oversold)})"
             )
-        return f"{head} -> {outcome}, {_expectation(mode, phases, deployment)}"
+        return f"{head} -> {outcome}, {_expectation(phases, deployment)}"
     told = f"{_count(first.ok, 'buyer')} {'was' if first.ok == 1 else 'were'} told they got a ticket"
     sold_out = phases[0].errors.get("sold_out", 0)
     told += f", {sold_out} {'was' if sold_out == 1 else 'were'} told sold out"
@@ -49,19 +49,19 @@ def verdict(mode: str, phases: Sequence[PhaseResult], deployment: Deployment) ->
         outcome = f"oversold by {first.oversold}"
     else:
         outcome = "; ".join(first.anomalies)
-    return f"{head} -> {told}: {outcome}, {_expectation(mode, phases, deployment)}"
+    return f"{head} -> {told}: {outcome}, {_expectation(phases, deployment)}"
 
 
 def as_expected(phase: PhaseResult, deployment: Deployment) -> bool:
     """A mode that protects this deployment must be correct; one that does not is expected to oversell."""
-    return phase.check.correct if deployment.expects_correct(phase.mode) else phase.check.oversold > 0
+    return phase.check.correct if deployment.expects_correct(phase) else phase.check.oversold > 0
 
 
-def _expectation(mode: str, phases: Sequence[PhaseResult], deployment: Deployment) -> str:
-    lesson = MODES[mode].lesson
+def _expectation(phases: Sequence[PhaseResult], deployment: Deployment) -> str:
+    lesson = MODES[phases[0].mode].lesson_for(lapsed=phases[0].lapsed)
     if all(as_expected(phase, deployment) for phase in phases):
         return f"as expected ({lesson})."
-    if deployment.expects_correct(mode):
+    if deployment.expects_correct(phases[0]):
         return f"NOT as expected: this mode must keep every buyer apart here ({lesson})."
     return f"not as expected: nothing in this mode prevents an oversell, it just did not happen ({lesson})."
 
@@ -91,49 +91,71 @@ ROWS: list[tuple[str, Callable[[PhaseResult], Any]]] = [
     ("latency max (ms)", lambda phase: round(phase.latency_ms.max)),
     ("verdict", lambda phase: _cell_verdict(phase)),
 ]
+# Shown when a lease phase ran: what the lease's lesson turns on.
+LEASE_ROWS: list[tuple[str, Callable[[PhaseResult], Any]]] = [
+    ("lease (ms)", lambda phase: phase.lease_ms if MODES[phase.mode].lapse else "-"),
+    ("holder stopped (ms)", lambda phase: round(phase.pause.ms) if phase.pause else "-"),
+    ("wrote after lease ran out", lambda phase: sum(bar.outlived_lease for bar in bars_from_orders(phase.orders))),
+    ("stale writes refused", lambda phase: len(phase.refusals)),
+]
+
+
+def rows_for(result: RunResult) -> list[tuple[str, Callable[[PhaseResult], Any]]]:
+    """The table's rows: the lease's own rows too when a lease phase ran."""
+    leases = any(MODES[phase.mode].lapse for phase in result.phases)
+    return ROWS[:-1] + LEASE_ROWS + ROWS[-1:] if leases else ROWS
 
 
 def table(result: RunResult) -> str:
-    """Every figure, one column per mode, in blocks that fit a terminal; several trials show ``min-max``."""
-    modes = modes_in(result)
-    per_block = max(1, (TABLE_WIDTH - max(len(label) for label, _ in ROWS)) // CELL_WIDTH)
-    blocks = [modes[start : start + per_block] for start in range(0, len(modes), per_block)]
-    return "\n\n".join(_table_block(result, block) for block in blocks)
+    """Every figure, one column per phase, in blocks that fit a terminal; several trials show ``min-max``."""
+    labels = result.labels()
+    rows = rows_for(result)
+    per_block = max(1, (TABLE_WIDTH - max(len(name) for name, _ in rows)) // CELL_WIDTH)
+    blocks = [labels[start : start + per_block] for start in range(0, len(labels), per_block)]
+    return "\n\n".join(_table_block(result, block, rows) for block in blocks)
 
 
-def _table_block(result: RunResult, modes: list[str]) -> str:
-    label_width = max(len(label) for label, _ in ROWS)
-    header = " " * label_width + "".join(f"{mode:>{CELL_WIDTH}}" for mode in modes)
-    lines = [header]
-    for label, figure in ROWS:
-        cells = [_span([figure(phase) for phase in result.phases_for(mode)]) for mode in modes]
-        lines.append(f"{label:<{label_width}}" + "".join(f"{cell:>{CELL_WIDTH}}" for cell in cells))
-    expected = ["correct" if result.deployment.expects_correct(mode) else "OVERSOLD" for mode in modes]
-    lines.append(f"{'expected':<{label_width}}" + "".join(f"{cell:>{CELL_WIDTH}}" for cell in expected))
+def _table_block(result: RunResult, labels: list[str], rows: list[tuple[str, Callable[[PhaseResult], Any]]]) -> str:
+    name_width = max(len(name) for name, _ in rows)
+    lines = [" " * name_width + "".join(f"{label:>{CELL_WIDTH}}" for label in labels)]
+    for name, figure in rows:
+        cells = [_span([figure(phase) for phase in result.phases_for(label)]) for label in labels]
+        lines.append(f"{name:<{name_width}}" + "".join(f"{cell:>{CELL_WIDTH}}" for cell in cells))
+    expected = ["correct" if _expected(result, label) == "correct" else "OVERSOLD" for label in labels]
+    lines.append(f"{'expected':<{name_width}}" + "".join(f"{cell:>{CELL_WIDTH}}" for cell in expected))
     return "\n".join(lines)
 
 
+def _expected(result: RunResult, label: str) -> str:
+    return "correct" if result.deployment.expects_correct(result.phases_for(label)[0]) else "oversold"
+
+
+def phase_bars(phase: PhaseResult) -> list[Bar]:
+    """The bars of a phase: its sales, and the stale writes its store refused."""
+    return sorted(bars_from_orders(phase.orders) + refused_bars(phase.refusals), key=lambda bar: bar.read_at)
+
+
 def timelines(result: RunResult) -> str:
-    """The text timeline of each mode's first trial."""
+    """The text timeline of each phase's first trial."""
     pictures = []
-    for mode in modes_in(result):
-        phases = result.phases_for(mode)
-        title = mode.upper() if len(phases) == 1 else f"{mode.upper()} (trial 1 of {len(phases)})"
-        pictures.append(render_text(title, bars_from_orders(phases[0].orders)))
+    for label in result.labels():
+        phases = result.phases_for(label)
+        title = label.upper() if len(phases) == 1 else f"{label.upper()} (trial 1 of {len(phases)})"
+        pictures.append(render_text(title, phase_bars(phases[0])))
     return "\n\n".join(pictures)
 
 
 def svg_sections(result: RunResult) -> list[tuple[str, Any]]:
-    """(title, bars) of each mode's first trial, for ``timeline.render_svg``."""
+    """(title, bars) of each phase's first trial, for ``timeline.render_svg``."""
     sections = []
-    for mode in modes_in(result):
-        phase = result.phases_for(mode)[0]
+    for label in result.labels():
+        phase = result.phases_for(label)[0]
         check = phase.check
         title = (
-            f"{mode.upper()}: {check.buyers} buyers, {check.tickets} tickets -> {check.ok} told success, "
+            f"{label.upper()}: {check.buyers} buyers, {check.tickets} tickets -> {check.ok} told success, "
             f"oversold by {check.oversold}, {len(check.sellers)} workers"
         )
-        sections.append((title, bars_from_orders(phase.orders)))
+        sections.append((title, phase_bars(phase)))
     return sections
 
 
@@ -161,23 +183,24 @@ def print_report(result: RunResult, out: TextIO, *, show_timeline: bool = True, 
         print(timelines(result), file=out)
     if verbose:
         for phase in result.phases:
-            print(f"\n{phase.mode} #{phase.trial}: errors {phase.errors or 'none'}", file=out)
+            print(f"\n{phase.label} #{phase.trial}: errors {phase.errors or 'none'}", file=out)
             for anomaly in phase.check.anomalies:
                 print(f"  - {anomaly}", file=out)
 
 
 def print_verdicts(result: RunResult, out: TextIO) -> None:
-    """One verdict line per mode."""
-    for mode in modes_in(result):
-        print(verdict(mode, result.phases_for(mode), result.deployment), file=out)
+    """One verdict line per phase."""
+    for label in result.labels():
+        print(verdict(label, result.phases_for(label), result.deployment), file=out)
 
 
 def to_json(result: RunResult, exit_status: int) -> dict[str, Any]:
-    """The whole result as plain JSON data: options, every phase with its histories, and a summary per mode."""
+    """The whole result as plain JSON data: options, every phase with its histories, and a summary per phase."""
     phases = []
     for phase in result.phases:
         data = asdict(phase)
         data["check"]["correct"] = phase.check.correct
+        data["lapsed"] = phase.lapsed
         bars = bars_from_orders(phase.orders)
         data["timeline"] = {
             "overlapping_pairs": len(overlapping_pairs(bars)),
@@ -185,15 +208,15 @@ def to_json(result: RunResult, exit_status: int) -> dict[str, Any]:
         }
         phases.append(data)
     summary = {
-        mode: {
-            "trials": len(result.phases_for(mode)),
-            "correct_trials": sum(1 for phase in result.phases_for(mode) if phase.check.correct),
-            "oversold_trials": sum(1 for phase in result.phases_for(mode) if phase.check.oversold),
-            "expected": "correct" if result.deployment.expects_correct(mode) else "oversold",
-            "as_expected": all(as_expected(phase, result.deployment) for phase in result.phases_for(mode)),
-            "verdict": verdict(mode, result.phases_for(mode), result.deployment),
+        label: {
+            "trials": len(result.phases_for(label)),
+            "correct_trials": sum(1 for phase in result.phases_for(label) if phase.check.correct),
+            "oversold_trials": sum(1 for phase in result.phases_for(label) if phase.check.oversold),
+            "expected": _expected(result, label),
+            "as_expected": all(as_expected(phase, result.deployment) for phase in result.phases_for(label)),
+            "verdict": verdict(label, result.phases_for(label), result.deployment),
         }
-        for mode in modes_in(result)
+        for label in result.labels()
     }
     return {
         "urls": result.urls,

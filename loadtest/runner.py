@@ -20,6 +20,8 @@ from loadtest.checker import INFO, Check, Outcome, check
 from loadtest.client import ServiceClient, buy
 from loadtest.cluster import Cluster
 from loadtest.embedded import STARTUP_TIMEOUT_S
+from loadtest.pause import HolderPause, Pause
+from service.config import load_server_settings
 from service.modes import FIRST_LESSON, MODES
 
 SETTLE_S = 1.0
@@ -43,6 +45,7 @@ class LoadOptions:
     trials: int = 1
     race_window_ms: int | None = None  # None: keep the service's own
     timeout_s: float = 10.0
+    pause_holder_ms: int | None = None  # stop the lease holder this long in each lease phase (embedded hosts)
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,19 @@ class Latency:
 
 
 @dataclass(frozen=True)
+class Phase:
+    """One phase to run: a mode, and how long to stop its lease holder (None: no pause)."""
+
+    mode: str
+    pause_ms: int | None = None
+
+    @property
+    def label(self) -> str:
+        """How the report names the phase: the mode, and "+pause" when its lease holder is stopped."""
+        return self.mode if self.pause_ms is None else f"{self.mode}+pause"
+
+
+@dataclass(frozen=True)
 class PhaseResult:
     """One phase (one mode, one trial): the check, its speed, and the raw material behind them."""
 
@@ -77,6 +93,17 @@ class PhaseResult:
     errors: dict[str, int]
     outcomes: list[Outcome] = field(repr=False)
     orders: list[dict[str, Any]] = field(repr=False)
+    label: str = ""  # the mode, or the mode and "+pause"
+    lease_ms: int | None = None  # the service's lease, when it has a lock service
+    pause: Pause | None = None  # the lease holder stopped during the phase, if any
+    refusals: list[dict[str, Any]] = field(default_factory=list, repr=False)  # stale writes the store refused
+
+    @property
+    def lapsed(self) -> bool:
+        """Whether a lease holder outlived its lease: its race window, or the pause, was longer than the lease."""
+        if self.lease_ms is None:
+            return False
+        return self.race_window_ms >= self.lease_ms or (self.pause is not None and self.pause.ms > self.lease_ms)
 
 
 @dataclass(frozen=True)
@@ -86,9 +113,10 @@ class Deployment:
     hosts: int
     processes: int
 
-    def expects_correct(self, mode: str) -> bool:
-        """Whether ``mode`` keeps every buyer of this deployment apart (service/modes.py, ``Mode.holds_for``)."""
-        return MODES[mode].holds_for(self.hosts, self.processes)
+    def expects_correct(self, phase: PhaseResult) -> bool:
+        """Whether the phase's mode keeps every buyer of this deployment apart, given whether a holder outlived
+        its lease (service/modes.py, ``Mode.holds_for``)."""
+        return MODES[phase.mode].holds_for(self.hosts, self.processes, lapsed=phase.lapsed)
 
 
 @dataclass(frozen=True)
@@ -102,9 +130,13 @@ class RunResult:
     phases: list[PhaseResult]
     service_pids: list[int] = field(default_factory=list)  # embedded: the masters and workers, all stopped
 
-    def phases_for(self, mode: str) -> list[PhaseResult]:
-        """The trials of one mode."""
-        return [phase for phase in self.phases if phase.mode == mode]
+    def labels(self) -> list[str]:
+        """The phases' labels (a mode, or a mode and "+pause"), in the order they ran."""
+        return list(dict.fromkeys(phase.label for phase in self.phases))
+
+    def phases_for(self, label: str) -> list[PhaseResult]:
+        """The trials of one phase."""
+        return [phase for phase in self.phases if phase.label == label]
 
     @property
     def deployment(self) -> Deployment:
@@ -117,19 +149,39 @@ class RunResult:
 def run(options: LoadOptions, progress: ProgressCallback | None = None) -> RunResult:
     """Run every phase of ``options`` and return the results; starts and stops embedded hosts if needed."""
     service_pids: list[int] = []
-    with target(options, service_pids) as clients:
-        store, modes = modes_to_run(clients[0], options.modes)
+    with target(options, service_pids) as hosts:
+        offered = hosts.clients[0].modes()
+        store, modes = modes_to_run(offered, options.modes)
+        plan = phases_to_run(modes, options, offered.get("lease_ms"), hosts.can_pause)
         phases = [
-            run_phase(clients, options, mode, trial, progress)
-            for mode in modes
+            run_phase(hosts, options, phase, trial, offered.get("lease_ms"), progress)
+            for phase in plan
             for trial in range(1, options.trials + 1)
         ]
-    urls = [client.base_url for client in clients]
+    urls = [client.base_url for client in hosts.clients]
     return RunResult(urls, not options.urls, store, options, phases, service_pids)
 
 
+@dataclass
+class Target:
+    """The hosts a run sends buyers to: a client for each, and the embedded cluster when it started them."""
+
+    clients: list[ServiceClient]
+    cluster: Cluster | None = None
+
+    @property
+    def can_pause(self) -> bool:
+        """Whether a lease holder can be stopped: the workers are this program's, and so is the lock service."""
+        return self.cluster is not None and self.cluster.redis_url is not None
+
+    def workers(self) -> list[int]:
+        """The embedded hosts' worker PIDs right now (the processes a pause may stop)."""
+        assert self.cluster is not None
+        return [pid for host in self.cluster.hosts for pid in host.worker_pids()]
+
+
 @contextmanager
-def target(options: LoadOptions, service_pids: list[int] | None = None) -> Iterator[list[ServiceClient]]:
+def target(options: LoadOptions, service_pids: list[int] | None = None) -> Iterator[Target]:
     """Clients for ``options.urls``, or for embedded hosts started now and stopped when the block ends.
 
     The embedded hosts' PIDs (masters and workers) are appended to ``service_pids`` as they stop.
@@ -138,19 +190,18 @@ def target(options: LoadOptions, service_pids: list[int] | None = None) -> Itera
         clients = [ServiceClient(url, token=options.token, timeout_s=options.timeout_s) for url in options.urls]
         for client in clients:
             client.health()
-        yield clients
+        yield Target(clients)
         return
     with Cluster(hosts=options.hosts, workers=options.workers, store=options.store) as cluster:
         try:
-            yield [ServiceClient(url, timeout_s=options.timeout_s) for url in cluster.urls]
+            yield Target([ServiceClient(url, timeout_s=options.timeout_s) for url in cluster.urls], cluster)
         finally:
             if service_pids is not None:
                 service_pids += cluster.service_pids()
 
 
-def modes_to_run(client: ServiceClient, asked: Sequence[str]) -> tuple[str, list[str]]:
+def modes_to_run(offered: dict[str, Any], asked: Sequence[str]) -> tuple[str, list[str]]:
     """The service's store, and the modes to run: ``asked``, every mode it offers for "all", or its default."""
-    offered = client.modes()
     store = str(offered["store"])
     available = [str(mode["name"]) for mode in offered["modes"] if mode["available"]]
     if not asked:
@@ -163,22 +214,52 @@ def modes_to_run(client: ServiceClient, asked: Sequence[str]) -> tuple[str, list
     return store, list(asked)
 
 
+def phases_to_run(modes: list[str], options: LoadOptions, lease_ms: int | None, can_pause: bool) -> list[Phase]:
+    """One phase per mode; with ``--pause-holder``, the lease modes' holders are stopped. By default, on embedded
+    hosts with a lock service, the lease modes run once more with a pause twice the lease: the lease's lesson."""
+    leases = [mode for mode in modes if MODES[mode].lapse is not None]
+    pause_ms = options.pause_holder_ms
+    if pause_ms is None:
+        if options.modes or not can_pause or not leases or lease_ms is None:
+            return [Phase(mode) for mode in modes]
+        return [Phase(mode) for mode in modes] + [Phase(mode, 2 * lease_ms) for mode in leases]
+    if not can_pause:
+        raise ValueError("--pause-holder stops a worker: it needs the embedded hosts and their lock service")
+    check_pause(pause_ms, lease_ms)
+    return [Phase(mode, pause_ms if mode in leases else None) for mode in modes]
+
+
+def check_pause(pause_ms: int, lease_ms: int | None) -> None:
+    """The pause must outlive the lease (or it shows nothing), and end before gunicorn's worker timeout (or
+    gunicorn kills the stopped worker, and the stale write never happens)."""
+    worker_timeout_ms = 1000 * load_server_settings(environ={}).worker_timeout_s
+    if lease_ms is None or not lease_ms < pause_ms < worker_timeout_ms:
+        raise ValueError(
+            f"--pause-holder {pause_ms} must be longer than the lease ({lease_ms} ms) and shorter than gunicorn's "
+            f"worker timeout ({worker_timeout_ms} ms)"
+        )
+
+
 def run_phase(
-    clients: Sequence[ServiceClient],
+    hosts: Target,
     options: LoadOptions,
-    mode: str,
+    phase: Phase,
     trial: int,
+    lease_ms: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> PhaseResult:
-    """Reset to ``options.tickets``, switch to ``mode``, release all buyers together, then read back and check."""
+    """Reset to ``options.tickets``, switch to the phase's mode, release all buyers together (stopping the lease
+    holder for the phase's pause), then read back and check."""
+    clients = hosts.clients
     admin = clients[0]
     admin.reset(options.tickets)
-    settings = admin.set_mode(mode, options.race_window_ms)
-    label = mode if options.trials == 1 else f"{mode} #{trial}"
+    settings = admin.set_mode(phase.mode, options.race_window_ms)
+    label = phase.label if options.trials == 1 else f"{phase.label} #{trial}"
     if progress:
         progress(label, 0, options.buyers)
     started = time.monotonic()
-    outcomes = release_buyers(clients, options.buyers, options.concurrency or options.buyers, label, progress)
+    with pausing(hosts, phase.pause_ms) as pause:
+        outcomes = release_buyers(clients, options.buyers, options.concurrency or options.buyers, label, progress)
     duration_s = time.monotonic() - started
     if any(outcome.kind == INFO for outcome in outcomes):
         # A buyer who gave up may still be queued at the server: let it finish before reading back.
@@ -186,7 +267,7 @@ def run_phase(
     remaining = admin.tickets()["remaining"]
     orders = clients[-1].all_orders()  # any host: they all read the same store
     return PhaseResult(
-        mode=mode,
+        mode=phase.mode,
         trial=trial,
         race_window_ms=settings["race_window_ms"],
         check=check(options.tickets, outcomes, remaining, orders),
@@ -196,7 +277,22 @@ def run_phase(
         errors=_errors(outcomes),
         outcomes=outcomes,
         orders=orders,
+        label=phase.label,
+        lease_ms=lease_ms,
+        pause=pause.pause if pause else None,
+        refusals=admin.refusals(),
     )
+
+
+@contextmanager
+def pausing(hosts: Target, pause_ms: int | None) -> Iterator[HolderPause | None]:
+    """Stop the lease holder for ``pause_ms`` during the block (nothing when None)."""
+    cluster = hosts.cluster
+    if pause_ms is None or cluster is None or cluster.redis_url is None or cluster.database_url is None:
+        yield None
+        return
+    with HolderPause(cluster.redis_url, cluster.database_url, hosts.workers, pause_ms / 1000) as pause:
+        yield pause
 
 
 def release_buyers(

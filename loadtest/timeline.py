@@ -3,7 +3,8 @@
 Drawn from what the server recorded in each order (``timing``, ``host`` and ``worker_pid``), as plain text for
 the terminal and as a self-contained SVG file; with several hosts, each lane is one worker of one host.
 Unlocked, bars of different workers overlap and several read the same count (each then wrote count - 1: one
-ticket, sold several times); locked, they follow one another.
+ticket, sold several times); locked, they follow one another. Under a lease, a sale that wrote after its lease
+ran out is marked, and so is a stale write that a fencing store refused (``refused_bars``, from GET /refusals).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ CHECKED_OVERLAP = "Sales overlapped, yet each decremented a different count: the
 
 @dataclass(frozen=True)
 class Bar:
-    """One sale's critical section, in epoch seconds."""
+    """One sale's critical section, in epoch seconds (for a refused write, ``wrote_at`` is when it was refused)."""
 
     host: str
     worker_pid: int
@@ -29,6 +30,13 @@ class Bar:
     read_at: float
     wrote_at: float
     count_read: int
+    lease_until: float | None = None  # when the sale's lease ran out, under a lease
+    refused: bool = False  # a stale write the store refused: nothing was sold
+
+    @property
+    def outlived_lease(self) -> bool:
+        """Whether the sale wrote after its lease had run out: another holder may have had it meanwhile."""
+        return not self.refused and self.lease_until is not None and self.wrote_at > self.lease_until
 
 
 def bars_from_orders(orders: Iterable[dict[str, Any]]) -> list[Bar]:
@@ -46,11 +54,30 @@ def bars_from_orders(orders: Iterable[dict[str, Any]]) -> list[Bar]:
                     read_at=float(timing["read_at"]),
                     wrote_at=float(timing["wrote_at"]),
                     count_read=int(order["remaining"]) + int(order.get("quantity", 1)),
+                    lease_until=timing.get("lease_until"),
                 )
             )
         except (KeyError, TypeError, ValueError):
             continue
     return sorted(result, key=lambda bar: bar.read_at)
+
+
+def refused_bars(refusals: Iterable[dict[str, Any]]) -> list[Bar]:
+    """The bars of the stale writes a fencing store refused (GET /refusals): from the read to the refusal."""
+    return [
+        Bar(
+            host=str(refusal["host"]),
+            worker_pid=int(refusal["worker_pid"]),
+            buyer=str(refusal["buyer"]),
+            started_at=float(refusal["started_at"]),
+            read_at=float(refusal["read_at"]),
+            wrote_at=float(refusal["refused_at"]),
+            count_read=int(refusal["remaining"]) + int(refusal["quantity"]),
+            lease_until=refusal.get("lease_until"),
+            refused=True,
+        )
+        for refusal in refusals
+    ]
 
 
 def overlapping_pairs(bars: Sequence[Bar]) -> list[tuple[Bar, Bar]]:
@@ -69,7 +96,8 @@ def shared_reads(bars: Sequence[Bar]) -> dict[int, list[Bar]]:
     """For each count that more than one sale read, those sales: the lost updates, made visible."""
     by_count: dict[int, list[Bar]] = defaultdict(list)
     for bar in bars:
-        by_count[bar.count_read].append(bar)
+        if not bar.refused:
+            by_count[bar.count_read].append(bar)
     return {count: group for count, group in sorted(by_count.items(), reverse=True) if len(group) > 1}
 
 
@@ -102,8 +130,10 @@ def render_text(title: str, bars: Sequence[Bar], width: int = TEXT_WIDTH) -> str
             label = str(bar.count_read)
             begin = max(column(bar.read_at), len(row))
             length = max(column(bar.wrote_at) - begin + 1, len(label) + 2)
-            row = row.ljust(begin) + "[" + label.ljust(length - 2, "=") + "]"
+            body, end = ("-", "x") if bar.refused else ("=", "!" if bar.outlived_lease else "]")
+            row = row.ljust(begin) + "[" + label.ljust(length - 2, body) + end
         lines.append(f"  {name:>{name_width}} |{row}")
+    lines += _lease_notes(bars)
     shared = shared_reads(bars)
     if shared:
         marks = ""
@@ -121,8 +151,19 @@ def render_text(title: str, bars: Sequence[Bar], width: int = TEXT_WIDTH) -> str
     return "\n".join(lines)
 
 
+def _lease_notes(bars: Sequence[Bar]) -> list[str]:
+    """The key to a lease's marks, for the marks the picture shows."""
+    notes = []
+    if any(bar.outlived_lease for bar in bars):
+        notes.append("  [N===!: wrote after its lease ran out, while another worker held the lease.")
+    if any(bar.refused for bar in bars):
+        notes.append("  [N---x: a stale write the store refused: a newer lease token had claimed the count since.")
+    return notes
+
+
 _PALETTE = ("#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#2ca02c")
 _UNSHARED = "#4878a8"  # a bar whose count no other sale read
+_REFUSED = "#bbbbbb"  # a stale write the store refused
 SVG_WIDTH, SVG_LEFT, SVG_RIGHT, SVG_LANE_HEIGHT = 960, 150, 20, 26
 SVG_PLOT = SVG_WIDTH - SVG_LEFT - SVG_RIGHT
 
@@ -191,11 +232,16 @@ def _svg_bar(bar: Bar, axis: _TimeAxis, y: int, fill: str) -> list[str]:
     """One sale in its lane at height ``y``: a dotted wait from its start to its read, then a bar to its write,
     labelled with the count it read when there is room."""
     begin, end = axis.x(bar.read_at), max(axis.x(bar.wrote_at), axis.x(bar.read_at) + 2)
+    if bar.refused:
+        fill, what = _REFUSED, "its write was refused: a newer lease token had claimed the count"
+    else:
+        what = f"wrote {bar.count_read - 1}" + (", after its lease ran out" if bar.outlived_lease else "")
+    outline = ' stroke="#d62728" stroke-width="2"' if bar.outlived_lease or bar.refused else ""
     parts = [
         f'<line x1="{axis.x(bar.started_at):.1f}" x2="{begin:.1f}" y1="{y + 13}" y2="{y + 13}" '
         'stroke="#999" stroke-dasharray="2,2"/>',
-        f'<rect x="{begin:.1f}" y="{y + 4}" width="{end - begin:.1f}" height="18" fill="{fill}" rx="2">'
-        f"<title>{escape(bar.buyer)}: read {bar.count_read}, wrote {bar.count_read - 1}</title></rect>",
+        f'<rect x="{begin:.1f}" y="{y + 4}" width="{end - begin:.1f}" height="18" fill="{fill}" rx="2"{outline}>'
+        f"<title>{escape(bar.buyer)}: read {bar.count_read}, {what}</title></rect>",
     ]
     if end - begin > 16:
         parts.append(

@@ -22,6 +22,7 @@ from service.modes import MODES
 MAX_RACE_WINDOW_MS = 5_000
 MAX_TICKETS = 1_000_000_000
 MAX_LOCK_TIMEOUT_S = 20
+MIN_LEASE_MS, MAX_LEASE_MS = 10, 10_000
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # An event-loop worker (gevent, eventlet) would block all its requests in the file lock's kernel wait.
 WORKER_CLASSES = ("sync", "gthread")
@@ -47,9 +48,11 @@ class Config:
     host_name: str
     database_timeout_s: float
     pool_size: int
+    redis_url: str | None  # the lock service the lease modes hold their lease in
+    lease_ms: int
 
     def __repr__(self) -> str:
-        secret = {"admin_token", "database_url"}
+        secret = {"admin_token", "database_url", "redis_url"}
         shown = ", ".join(
             f"{spec.name}={getattr(self, spec.name)!r}" for spec in fields(self) if spec.name not in secret
         )
@@ -64,6 +67,11 @@ class Config:
     def masked_database_url(self) -> str:
         """The database URL with its password replaced by ***, for messages and logs."""
         return mask_password(self.database_url or "")
+
+    @property
+    def masked_redis_url(self) -> str:
+        """The lock service's URL with its password replaced by ***, for messages and logs."""
+        return mask_password(self.redis_url or "")
 
 
 @dataclass(frozen=True)
@@ -127,9 +135,16 @@ def one_of(*choices: str) -> Callable[[str], str]:
 
 
 def database_url(value: str) -> str:
-    """A PostgreSQL URL (``service/stores/__init__.py`` names the stores each scheme opens)."""
+    """A database URL (``service/stores/__init__.py`` names the store each scheme opens)."""
     if not urlsplit(value).scheme:
         raise ValueError("must be a URL such as postgresql://user:password@host:5432/database")
+    return value
+
+
+def redis_url(value: str) -> str:
+    """A Redis URL, ``redis://host:port/db`` (or ``unix:///path/to/socket``, as redis-py reads them)."""
+    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a URL such as redis://127.0.0.1:6379/0")
     return value
 
 
@@ -154,7 +169,7 @@ class Setting:
         try:
             return self.read(value)
         except ValueError as error:
-            shown = mask_password(value) if self.field == "database_url" else value
+            shown = mask_password(value) if self.field in ("database_url", "redis_url") else value
             raise ConfigError(f"{self.variable}={shown!r} {error}") from None
 
 
@@ -241,6 +256,23 @@ SETTINGS = (
         4,
         whole_number(1),
         "most database connections per worker process (a sync worker uses one; `gthread` one per thread)",
+    ),
+    Setting(
+        "TICKETLOCK_REDIS_URL",
+        "redis_url",
+        None,
+        redis_url,
+        "`redis://host:port/db`: the lock service the `lease` and `fenced-lease` modes hold their lease in "
+        "([leases](docs/leases.md)); without it those modes are not available",
+        "unset: no lease modes",
+    ),
+    Setting(
+        "TICKETLOCK_LEASE_MS",
+        "lease_ms",
+        500,
+        whole_number(MIN_LEASE_MS, MAX_LEASE_MS),
+        f"how long a lease lasts unless its holder lets go first, {MIN_LEASE_MS}..{MAX_LEASE_MS} ms: a holder that "
+        "works longer (a pause, a long race window) is no longer protected by it",
     ),
     Setting(
         "TICKETLOCK_ADMIN_TOKEN",

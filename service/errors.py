@@ -10,6 +10,8 @@ The tree::
     ├── IdempotencyKeyReused              422 idempotency_key_reused
     ├── LockTimeout (TimeoutError)        503 lock_timeout, with Retry-After: nothing sold
     ├── TooManyConflicts                  503 too_many_conflicts, with Retry-After: nothing sold
+    ├── LockUnavailable (ConnectionError) 503 lock_unavailable, with Retry-After: the lock service is out of
+    │                                         reach, nothing sold
     └── StoreError (OSError)              500: the store is damaged, unwritable or unreachable
         ├── StoreDamaged                  500 store_damaged: nothing sold, the file left as it is
         ├── StoreWriteFailed              500 store_write_failed: nothing sold, the previous files intact
@@ -18,6 +20,11 @@ The tree::
         │                                     nothing sold
         └── OutcomeUnknown                503 outcome_unknown, with Retry-After: the connection broke during the
                                               commit; GET /orders/<id> tells whether the order stands
+
+Two exceptions are never answered: a purchase that meets them starts again (``service/purchase.py``)::
+
+    Conflict                              the count changed between the read and the write
+    └── StaleFence                        the store holds a newer fencing token than this holder's
 
 Werkzeug's own HTTP errors (unknown route, wrong method, body too large, ...) get the same JSON shape, and so
 do the requests gunicorn refuses before Flask sees them (a malformed request line, a URL over 4 KB, ...).
@@ -103,6 +110,14 @@ class TooManyConflicts(BookingError):
     headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
 
 
+class LockUnavailable(BookingError, ConnectionError):
+    """The lock service (Redis) cannot be reached, so no lease can be taken; nothing was sold."""
+
+    status = 503
+    code = "lock_unavailable"
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
+
+
 class StoreError(BookingError, OSError):
     """The store cannot be used: a file is damaged or unwritable, or the database cannot be reached."""
 
@@ -141,6 +156,18 @@ class OutcomeUnknown(StoreError):
     status = 503
     code = "outcome_unknown"
     headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
+
+
+class Conflict(Exception):
+    """The write found the inventory changed since the read; the purchase starts again (never sent to a client)."""
+
+
+class StaleFence(Conflict):
+    """The store refused a lease holder's token: a newer holder claimed the inventory since (``newest``)."""
+
+    def __init__(self, message: str, newest: int) -> None:
+        super().__init__(message)
+        self.newest = newest
 
 
 def error_body(code: str, message: str) -> dict[str, str]:

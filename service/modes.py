@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum, IntEnum
+from typing import Any
 
-from service.guards import AdvisoryLock, Guard, HostFileLock, Nothing, RowLock, ThreadLock
+from service.guards import AdvisoryLock, Guard, HostFileLock, Lease, Nothing, RowLock, ThreadLock
 from service.guards.base import Ability
 
 
@@ -23,6 +24,7 @@ class Read(Enum):
     """How step 1 reads the count."""
 
     PLAIN = "the count"
+    CLAIM = "the count, claiming its row with the fencing token at once (refused if a newer token claimed it)"
     MEMORY = "the worker process's own copy of the count, loaded from the store after each reset"
 
 
@@ -33,6 +35,7 @@ class Write(Enum):
     IF_VERSION = "the count read minus the quantity, only if the version read is unchanged"
     CONDITIONAL = "remaining - quantity where remaining >= quantity, in one statement"
     MEMORY = "the worker's own copy only; the store records the order but its count never moves"
+    FENCED = "the count read minus the quantity, only where the row still carries this sale's token"
 
 
 class Isolation(Enum):
@@ -60,6 +63,14 @@ Feature = Ability | Read | Write | Isolation  # what a store may declare it can 
 
 
 @dataclass(frozen=True)
+class Lapse:
+    """What a mode whose guard runs out (a lease) does when a holder outlives it: paused, or working too long."""
+
+    holds: bool  # whether the mode still keeps every buyer apart then
+    lesson: str  # one line: what happened instead, or why it still holds
+
+
+@dataclass(frozen=True)
 class Mode:
     """One row of the table: a mode's guard, read, write and isolation, what it protects, and its lesson."""
 
@@ -70,6 +81,7 @@ class Mode:
     protects: Reach
     lesson: str  # one line: why it oversells, or why it holds
     isolation: Isolation = Isolation.READ_COMMITTED
+    lapse: Lapse | None = None  # for a guard that runs out by itself: a holder that outlives it
 
     @property
     def retries(self) -> bool:
@@ -80,12 +92,19 @@ class Mode:
         """What a store must declare among its features to run this mode."""
         return self.guard.needs | {self.read, self.write, self.isolation}
 
-    def holds_for(self, hosts: int, processes: int) -> bool:
-        """Whether this mode keeps every buyer apart when ``processes`` worker processes on ``hosts`` hosts sell."""
+    def holds_for(self, hosts: int, processes: int, lapsed: bool = False) -> bool:
+        """Whether this mode keeps every buyer apart when ``processes`` worker processes on ``hosts`` hosts sell
+        (and ``lapsed``: a holder outlived its lease)."""
         needed = Reach.EVERY_HOST if hosts > 1 else Reach.ONE_HOST if processes > 1 else Reach.ONE_PROCESS
+        if lapsed and self.lapse:
+            return self.lapse.holds and self.protects >= needed
         return self.protects >= needed
 
-    def describe(self) -> dict[str, str]:
+    def lesson_for(self, lapsed: bool = False) -> str:
+        """The one line that explains an outcome of this mode."""
+        return self.lapse.lesson if lapsed and self.lapse else self.lesson
+
+    def describe(self) -> dict[str, Any]:
         """The mode as the API shows it."""
         return {
             "name": self.name,
@@ -95,6 +114,7 @@ class Mode:
             "write": self.write.value,
             "isolation": self.isolation.value,
             "lesson": self.lesson,
+            "lapse": {"holds": self.lapse.holds, "lesson": self.lapse.lesson} if self.lapse else None,
         }
 
 
@@ -173,6 +193,32 @@ TABLE = (
         "unlocked's very steps in a REPEATABLE READ transaction: the database refuses the lost update and the "
         "purchase starts again",
         Isolation.REPEATABLE_READ,
+    ),
+    Mode(
+        "lease",
+        Lease(),
+        Read.PLAIN,
+        Write.BLIND,
+        Reach.EVERY_HOST,
+        "every host takes the same lease in Redis, and no holder worked past it",
+        lapse=Lapse(
+            holds=False,
+            lesson="a holder still worked after its lease ran out: another took the lease, and both wrote the "
+            "count they had read",
+        ),
+    ),
+    Mode(
+        "fenced-lease",
+        Lease(),
+        Read.CLAIM,
+        Write.FENCED,
+        Reach.EVERY_HOST,
+        "the lease's fencing token claims the row at the read, and the write goes only where the row still carries it",
+        lapse=Lapse(
+            holds=True,
+            lesson="a holder that outlived its lease found a newer token on the row: its write was refused and it "
+            "started again; if every holder outlives its lease, nothing sells at all (safety, not progress)",
+        ),
     ),
 )
 

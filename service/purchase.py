@@ -19,9 +19,10 @@ import uuid
 from dataclasses import dataclass
 
 from service.config import Config
-from service.errors import SoldOut, TooManyConflicts
+from service.errors import Conflict, SoldOut, TooManyConflicts
+from service.guards import Holding
 from service.modes import MODES, Mode
-from service.stores.base import Conflict, IdempotentRequest, Inventory, Order, Store
+from service.stores.base import IdempotentRequest, Inventory, Order, Store
 
 # Before attempt n + 1, a purchase sleeps a random time of up to BACK_OFF_S * 2**n, at most MAX_BACK_OFF_S. Measured
 # on one hot row with 12 workers (bench/RESULTS.md): shorter waits make the buyers collide again and sell less.
@@ -93,7 +94,7 @@ def _attempt(store: Store, request: PurchaseRequest, config: Config, attempt: in
             if settings.race_window_ms:  # even sleep(0) gives up the CPU, inside the lock
                 time.sleep(settings.race_window_ms / 1000)  # 3. work (the race window)
 
-            order = _new_order(request, mode, inventory, store, config, attempt, started_at, read_at)
+            order = _new_order(request, mode, inventory, holding, store, config, attempt, started_at, read_at)
             order = sale.write(mode.write, inventory, order, idempotent, holding)  # 4. write
 
     # Durable before the 201, but flushed after the guard is released, so that buyers queue behind the guard
@@ -106,6 +107,7 @@ def _new_order(
     request: PurchaseRequest,
     mode: Mode,
     inventory: Inventory,
+    holding: Holding,
     store: Store,
     config: Config,
     attempt: int,
@@ -119,8 +121,10 @@ def _new_order(
         "remaining": inventory.remaining - request.quantity,
         "mode": mode.name,
         "attempts": attempt,
+        "fence": holding.fence,  # the lease's token, for a guard that hands one out
         "worker_pid": os.getpid(),
         "host": config.host_name,
         "store": store.kind,
-        "timing": {"started_at": started_at, "read_at": read_at},  # and wrote_at: the store says when it wrote
+        # and wrote_at: the store says when it wrote
+        "timing": {"started_at": started_at, "read_at": read_at, "lease_until": holding.lease_until},
     }

@@ -56,8 +56,11 @@ def security_headers(response: Response) -> Response:
 
 @bp.get("/health")
 def health() -> Response:
-    """GET /health -> 200 {"status": "ok"}; 503 store_unavailable while the database cannot be reached."""
-    _store().check()
+    """GET /health -> 200 {"status": "ok"}; 503 store_unavailable while the database cannot be reached,
+    lock_unavailable while the lock service cannot."""
+    store = _store()
+    store.check()
+    store.check_services()
     return jsonify(status="ok")
 
 
@@ -111,6 +114,13 @@ def get_order(order_id: str) -> Response:
     return jsonify(order)
 
 
+@bp.get("/refusals")
+def list_refusals() -> Response:
+    """GET /refusals -> 200 {"refusals": [...]}: the writes the store refused since the last reset because a newer
+    lease token had claimed the inventory (fenced-lease), oldest first, at most 1000."""
+    return jsonify(refusals=_store().refusals())
+
+
 @bp.get("/mode")
 def get_mode() -> Response:
     """GET /mode -> 200 {"mode", "race_window_ms"}."""
@@ -119,11 +129,13 @@ def get_mode() -> Response:
 
 @bp.get("/modes")
 def list_modes() -> Response:
-    """GET /modes -> 200 {"mode", "store", "modes": [{"name", "protects", "guard", ..., "available"}]}."""
+    """GET /modes -> 200 {"mode", "store", "lease_ms", "modes": [{"name", "protects", "guard", ..., "available"}]};
+    ``lease_ms`` is null without a lock service."""
     store = _store()
-    available = store.modes()
+    available = store.available_modes()
     modes = [{**mode.describe(), "available": mode in available} for mode in TABLE]
-    return jsonify(mode=store.read_settings().mode, store=store.kind, modes=modes)
+    lease_ms = _config().lease_ms if store.services else None
+    return jsonify(mode=store.read_settings().mode, store=store.kind, lease_ms=lease_ms, modes=modes)
 
 
 @bp.put("/mode")
@@ -134,7 +146,7 @@ def put_mode() -> Response:
     """
     store = _store()
     _require_admin(_config())
-    change = validation.settings_change(validation.json_object(request, required=True), store.modes())
+    change = validation.settings_change(validation.json_object(request, required=True), store.available_modes())
     settings = store.change_settings(change)
     current_app.logger.info("purchase settings now %s", settings)
     return jsonify(asdict(settings))
@@ -154,7 +166,7 @@ def reset() -> Response:
 @bp.get("/openapi.json")
 def openapi() -> Response:
     """GET /openapi.json -> 200 the OpenAPI 3 description of this API, its modes taken from the modes table."""
-    return jsonify(openapi_document(_store().modes()))
+    return jsonify(openapi_document(_store().available_modes()))
 
 
 def openapi_document(available: list[Mode]) -> dict[str, Any]:

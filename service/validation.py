@@ -67,9 +67,11 @@ def settings_change(data: dict[str, Any], available: list[Mode]) -> dict[str, An
         if not isinstance(mode, str) or mode not in MODES:
             raise InvalidRequest(f"Unknown mode {str(mode)[:40]!r}: use one of {names}.", code="unknown_mode")
         if MODES[mode] not in available:
+            needed = (
+                "a lock service (TICKETLOCK_REDIS_URL)" if MODES[mode].lapse else "a database (TICKETLOCK_DATABASE_URL)"
+            )
             raise InvalidRequest(
-                f"The {mode!r} mode needs a database (TICKETLOCK_DATABASE_URL); this store runs {names}.",
-                code="mode_not_available",
+                f"The {mode!r} mode needs {needed}; this service runs {names}.", code="mode_not_available"
             )
         change["mode"] = mode
     if "race_window_ms" in data:

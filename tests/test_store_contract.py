@@ -22,7 +22,7 @@ from service.guards import Holding
 from service.modes import MODES, TABLE, Feature, Mode, Read, Write
 from service.purchase import PurchaseRequest, purchase
 from service.stores import STORES, Inventory, Order, Store
-from service.stores.base import Conflict
+from service.errors import Conflict
 from tests.conftest import release_together
 
 WINDOW_MS = 150  # long enough that concurrent sales surely overlap in their race windows

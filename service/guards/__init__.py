@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 from service.guards.advisory import AdvisoryLock
-from service.guards.base import NOTHING_SOLD, Ability, Guard, GuardedSale, Holding
+from service.guards.base import NOTHING_SOLD, SERVICES, Ability, Guard, GuardedSale, Holding
 from service.guards.host_file import HostFileLock
+from service.guards.lease import Lease
 from service.guards.nothing import Nothing
 from service.guards.row_lock import RowLock
 from service.guards.thread_lock import ThreadLock
 
 __all__ = [
     "NOTHING_SOLD",
+    "SERVICES",
     "Ability",
     "AdvisoryLock",
     "Guard",
     "GuardedSale",
     "Holding",
     "HostFileLock",
+    "Lease",
     "Nothing",
     "RowLock",
     "ThreadLock",

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import ClassVar, Protocol
 
 from service.errors import LockTimeout
+from service.lock_service import LockService
 
 NOTHING_SOLD = "nothing was sold"
 
@@ -29,6 +30,11 @@ class Ability(Enum):
 
     ADVISORY_LOCKS = "named mutexes held until the transaction ends"
     ROW_LOCKS = "row locks held until the transaction ends"
+    LOCK_SERVICE = "a lock service to hold leases in (TICKETLOCK_REDIS_URL)"
+
+
+# What a configuration gives any store, whatever the store itself can do.
+SERVICES = frozenset({Ability.LOCK_SERVICE})
 
 
 class GuardedSale(Protocol):
@@ -44,10 +50,16 @@ class GuardedSale(Protocol):
     def lock_inventory_row(self) -> None:
         """Lock the inventory's row until the sale commits (ROW_LOCKS)."""
 
+    def lock_service(self) -> LockService:
+        """This worker's way to the lock service (LOCK_SERVICE)."""
+
 
 @dataclass(frozen=True)
 class Holding:
-    """What a held guard hands to the four steps: nothing yet, for every guard of the table."""
+    """What a held guard hands to the four steps: a lease's fencing token and end, for a guard that has them."""
+
+    fence: int | None = None
+    lease_until: float | None = None  # epoch seconds: a holder still working after this is no longer protected
 
 
 class Guard(ABC):

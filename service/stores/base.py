@@ -10,6 +10,7 @@ what the mode's guard asks of the store.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -19,7 +20,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from service.config import Config, ConfigError
-from service.guards import GuardedSale, Holding
+from service.guards import SERVICES, GuardedSale, Holding
+from service.lock_service import LockService, lock_service_for
 from service.modes import MODES, TABLE, Feature, Mode, Read, Write
 
 Order = dict[str, Any]
@@ -93,10 +95,6 @@ def stamp_written(order: Order) -> None:
     order["timing"]["wrote_at"] = time.time()
 
 
-class Conflict(Exception):
-    """The write found the inventory changed since the read; the purchase starts again (never sent to a client)."""
-
-
 class Sale(GuardedSale, ABC):
     """One purchase in progress in a store: its read and write, and what its guard may ask of the store.
 
@@ -117,6 +115,9 @@ class Sale(GuardedSale, ABC):
     def lock_inventory_row(self) -> None:
         raise NotImplementedError(f"the {self.store.kind} store has no row locks")
 
+    def lock_service(self) -> LockService:
+        return self.store.lock_service()
+
     @abstractmethod
     def find_replay(self, request: IdempotentRequest) -> Order | None:
         """The order an earlier request with this Idempotency-Key produced, or None (IdempotencyKeyReused if the
@@ -125,8 +126,8 @@ class Sale(GuardedSale, ABC):
     def read(self, how: Read, holding: Holding) -> Inventory:
         """Step 1: the count as ``how`` reads it."""
         if how is Read.MEMORY:
-            return _worker_copy(self.store.identity, self.read_stored(Read.PLAIN))
-        return self.read_stored(how)
+            return _worker_copy(self.store.identity, self.read_stored(Read.PLAIN, holding))
+        return self.read_stored(how, holding)
 
     def write(
         self, how: Write, before: Inventory, order: Order, request: IdempotentRequest | None, holding: Holding
@@ -137,14 +138,16 @@ class Sale(GuardedSale, ABC):
         """
         if how is Write.MEMORY:
             _spend_worker_copy(self.store.identity, before, order["quantity"])
-        return self.write_stored(how, before, order, request)
+        return self.write_stored(how, before, order, request, holding)
 
     @abstractmethod
-    def read_stored(self, how: Read) -> Inventory:
+    def read_stored(self, how: Read, holding: Holding) -> Inventory:
         """Read the store's own count."""
 
     @abstractmethod
-    def write_stored(self, how: Write, before: Inventory, order: Order, request: IdempotentRequest | None) -> Order:
+    def write_stored(
+        self, how: Write, before: Inventory, order: Order, request: IdempotentRequest | None, holding: Holding
+    ) -> Order:
         """Write the count (or, for ``Write.MEMORY``, only record the order); raise Conflict or SoldOut."""
 
 
@@ -156,10 +159,13 @@ class Store(ABC):
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        if not self.supports(MODES[config.mode]):
-            names = ", ".join(mode.name for mode in self.modes())
+        # What the configuration adds to what the store itself can do: a lock service, if it names one.
+        self.services = SERVICES if config.redis_url else frozenset()
+        if not self.runs(MODES[config.mode]):
+            names = ", ".join(mode.name for mode in self.available_modes())
             raise ConfigError(
-                f"the {self.kind} store cannot run the {config.mode!r} mode (TICKETLOCK_MODE): use {names}"
+                f"the {self.kind} store cannot run the {config.mode!r} mode (TICKETLOCK_MODE) as configured: "
+                f"use {names}"
             )
 
     @property
@@ -169,13 +175,34 @@ class Store(ABC):
 
     @classmethod
     def supports(cls, mode: Mode) -> bool:
-        """Whether this store can run ``mode``: it declares everything the mode needs."""
-        return mode.needs() <= cls.features
+        """Whether this kind of store can run ``mode``, given the services it needs (a lock service)."""
+        return mode.needs() <= cls.features | SERVICES
 
     @classmethod
     def modes(cls) -> list[Mode]:
-        """The modes this store can run, in the table's order."""
+        """The modes this kind of store can run, in the table's order."""
         return [mode for mode in TABLE if cls.supports(mode)]
+
+    def runs(self, mode: Mode) -> bool:
+        """Whether this store, as configured, runs ``mode``."""
+        return mode.needs() <= self.features | self.services
+
+    def available_modes(self) -> list[Mode]:
+        """The modes this store, as configured, runs, in the table's order."""
+        return [mode for mode in TABLE if self.runs(mode)]
+
+    def lock_service(self) -> LockService:
+        """This worker's way to the configured lock service (made on first use, after the fork)."""
+        config = self.config
+        assert config.redis_url is not None, "only a mode that needs a lock service asks for one"
+        return lock_service_for(
+            config.redis_url, config.lease_ms, config.host_name, config.masked_redis_url, os.getpid()
+        )
+
+    def check_services(self) -> None:
+        """Raise LockUnavailable if the configured lock service does not answer (GET /health)."""
+        if self.services:
+            self.lock_service().check()
 
     # --- Life cycle --------------------------------------------------------------------------------------------
 
@@ -219,6 +246,11 @@ class Store(ABC):
     @abstractmethod
     def find_order(self, order_id: str) -> Order | None:
         """The order with this id, or None."""
+
+    def refusals(self) -> list[dict[str, Any]]:
+        """The stale writes refused since the last reset (a lease holder's token was superseded), oldest first:
+        none in a store that does not fence (``Write.FENCED``)."""
+        return []
 
     # --- Purchases ---------------------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import select
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -37,17 +38,18 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from service.config import MAX_RACE_WINDOW_MS, Config
 from service.errors import (
+    Conflict,
     IdempotencyKeyReused,
     LockTimeout,
     OutcomeUnknown,
     SoldOut,
+    StaleFence,
     StoreDamaged,
     StoreUnavailable,
 )
-from service.guards import NOTHING_SOLD, Ability
+from service.guards import NOTHING_SOLD, Ability, Holding
 from service.modes import Feature, Isolation, Mode, Read, Write
 from service.stores.base import (
-    Conflict,
     Feed,
     IdempotentRequest,
     Inventory,
@@ -77,7 +79,8 @@ CREATE TABLE IF NOT EXISTS inventory (
     total       bigint  NOT NULL CHECK (total >= 0),
     remaining   bigint  NOT NULL CHECK (remaining BETWEEN 0 AND total),
     version     bigint  NOT NULL DEFAULT 0,
-    generation  text    NOT NULL DEFAULT md5(random()::text)
+    generation  text    NOT NULL DEFAULT md5(random()::text),
+    fence       bigint  NOT NULL DEFAULT 0  -- the newest lease token that claimed the row (fenced-lease)
 );
 CREATE TABLE IF NOT EXISTS orders (
     seq         bigserial PRIMARY KEY,
@@ -91,7 +94,32 @@ CREATE TABLE IF NOT EXISTS orders (
     host        text    NOT NULL,
     started_at  double precision NOT NULL,
     read_at     double precision NOT NULL,
-    wrote_at    double precision NOT NULL
+    wrote_at    double precision NOT NULL,
+    fence       bigint,
+    lease_until double precision
+);
+-- A database made before the lease modes gets their columns. Only then: ALTER TABLE locks the table against every
+-- reader, and would queue them all behind any open sale.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT FROM information_schema.columns WHERE table_name = 'inventory' AND column_name = 'fence') THEN
+        ALTER TABLE inventory ADD COLUMN fence bigint NOT NULL DEFAULT 0;
+        ALTER TABLE orders ADD COLUMN fence bigint, ADD COLUMN lease_until double precision;
+    END IF;
+END $$;
+-- The writes the store refused because a newer lease token had claimed the row since (fenced-lease).
+CREATE TABLE IF NOT EXISTS refusals (
+    seq         bigserial PRIMARY KEY,
+    buyer       text    NOT NULL,
+    quantity    integer NOT NULL,
+    remaining   bigint  NOT NULL,  -- what the refused write would have left
+    fence       bigint  NOT NULL,
+    newest      bigint  NOT NULL,
+    worker_pid  integer NOT NULL,
+    host        text    NOT NULL,
+    started_at  double precision NOT NULL,
+    read_at     double precision NOT NULL,
+    refused_at  double precision NOT NULL,
+    lease_until double precision
 );
 CREATE TABLE IF NOT EXISTS idempotency_keys (
     key_digest  text PRIMARY KEY,
@@ -128,6 +156,17 @@ LOCK_ROW = "SELECT 1 FROM inventory WHERE id = 1 FOR UPDATE"
 
 WRITE_BLIND = "UPDATE inventory SET remaining = %(remaining)s, version = version + 1 WHERE id = 1"
 WRITE_IF_VERSION = WRITE_BLIND + " AND version = %(version)s"
+# Fencing: the read claims the row with the lease's token, and the write goes only where the row still carries it.
+CLAIM = """
+UPDATE inventory SET fence = %(fence)s WHERE id = 1 AND fence < %(fence)s
+RETURNING event, total, remaining, version"""
+WRITE_FENCED = WRITE_BLIND + " AND fence = %(fence)s"
+NEWEST_FENCE = "SELECT fence FROM inventory WHERE id = 1"
+RECORD_REFUSAL = """
+INSERT INTO refusals (buyer, quantity, remaining, fence, newest, worker_pid, host, started_at, read_at, refused_at,
+                      lease_until)
+VALUES (%(buyer)s, %(quantity)s, %(remaining)s, %(fence)s, %(newest)s, %(worker_pid)s, %(host)s, %(started_at)s,
+        %(read_at)s, %(refused_at)s, %(lease_until)s)"""
 WRITE_IF_ENOUGH = """
 UPDATE inventory SET remaining = remaining - %(quantity)s, version = version + 1
 WHERE id = 1 AND remaining >= %(quantity)s
@@ -137,14 +176,17 @@ RETURNING remaining"""
 # and a live view that asks for "the orders after seq N" never skips one that commits late.
 INSERT_ORDER = """
 INSERT INTO orders (order_id, buyer, quantity, remaining, mode, attempts, worker_pid, host,
-                    started_at, read_at, wrote_at)
+                    started_at, read_at, wrote_at, fence, lease_until)
 VALUES (%(order_id)s, %(buyer)s, %(quantity)s, %(remaining)s, %(mode)s, %(attempts)s, %(worker_pid)s, %(host)s,
-        %(started_at)s, %(read_at)s, %(wrote_at)s)"""
+        %(started_at)s, %(read_at)s, %(wrote_at)s, %(fence)s, %(lease_until)s)"""
 INSERT_KEY = "INSERT INTO idempotency_keys (key_digest, fingerprint, order_id) VALUES (%s, %s, %s)"
 COMMIT = "COMMIT"
 ROLLBACK = "ROLLBACK"
 
-ORDER_COLUMNS = "order_id, buyer, quantity, remaining, mode, attempts, worker_pid, host, started_at, read_at, wrote_at"
+ORDER_COLUMNS = (
+    "order_id, buyer, quantity, remaining, mode, attempts, worker_pid, host, started_at, read_at, wrote_at, fence, "
+    "lease_until"
+)
 FIND_REPLAY = f"""
 SELECT k.fingerprint, {", ".join(f"o.{column}" for column in ORDER_COLUMNS.split(", "))}
 FROM idempotency_keys k JOIN orders o USING (order_id) WHERE k.key_digest = %s"""
@@ -154,13 +196,17 @@ FROM idempotency_keys k JOIN orders o USING (order_id) WHERE k.key_digest = %s""
 READ_SETTINGS = "SELECT mode, race_window_ms FROM settings WHERE id = 1"
 TAKE_SWITCH_LOCK = f"SELECT pg_advisory_xact_lock({LOCK_CLASS}, {SWITCH_LOCK})"
 WRITE_SETTINGS = "UPDATE settings SET mode = %(mode)s, race_window_ms = %(race_window_ms)s WHERE id = 1"
-CLEAR_ORDERS = "TRUNCATE idempotency_keys, orders"
+CLEAR_ORDERS = "TRUNCATE idempotency_keys, orders, refusals"
+# A reset also claims the row (fence + 1): no sale that claimed it before the reset can write after it.
 RESTORE_INVENTORY = """
 UPDATE inventory SET event = %(event)s, total = %(total)s, remaining = %(total)s, version = version + 1,
-                     generation = md5(random()::text)
+                     generation = md5(random()::text), fence = fence + 1
 WHERE id = 1
 RETURNING event, total, remaining, version"""
 COUNT_ORDERS = "SELECT count(*) AS count FROM orders"
+REFUSALS = """
+SELECT buyer, quantity, remaining, fence, newest, worker_pid, host, started_at, read_at, refused_at, lease_until
+FROM refusals ORDER BY seq LIMIT 1000"""
 PAGE_OF_ORDERS = f"SELECT {ORDER_COLUMNS} FROM orders ORDER BY seq LIMIT %s OFFSET %s"
 FIND_ORDER = f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = %s"
 # One statement, one snapshot: the generation and the orders can never come from two sides of a reset.
@@ -179,7 +225,9 @@ class PostgresStore(Store):
     """The booking data in PostgreSQL, shared by every host; one connection pool per worker process."""
 
     kind = "postgres"
-    features: ClassVar[frozenset[Feature]] = frozenset({*Ability, *Read, *Write, *Isolation})
+    features: ClassVar[frozenset[Feature]] = frozenset(
+        {Ability.ADVISORY_LOCKS, Ability.ROW_LOCKS, *Read, *Write, *Isolation}
+    )
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -281,7 +329,7 @@ class PostgresStore(Store):
 
     def _settings(self, row: Any) -> RuntimeSettings:
         mode, window = row if row else (None, None)
-        if mode not in {mode.name for mode in self.modes()} or not isinstance(window, int):
+        if mode not in {mode.name for mode in self.available_modes()} or not isinstance(window, int):
             raise StoreDamaged(f"The settings row of {self.config.masked_database_url} is missing or unknown.")
         return RuntimeSettings(mode=mode, race_window_ms=window)
 
@@ -329,6 +377,11 @@ class PostgresStore(Store):
         last = rows[-1][1] if orders else (0 if reset or not cursor else int(after))
         return Feed(cursor=f"{current}.{last}", reset=reset, orders=[_order(row) for row in orders])
 
+    def refusals(self) -> list[dict[str, Any]]:
+        with self._connection() as connection, connection.cursor(row_factory=dict_row) as cursor:
+            rows = cursor.execute(REFUSALS).fetchall()
+        return [{**row, "store": self.kind} for row in rows]
+
     def find_order(self, order_id: str) -> Order | None:
         with self._connection() as connection:
             row = connection.execute(FIND_ORDER, (order_id,)).fetchone()
@@ -345,11 +398,9 @@ class PostgresStore(Store):
         out, a replayed key, an error) rolls back.
         """
         with self._connection() as connection:
-            sale = PostgresSale(self, connection)
+            sale = PostgresSale(self, connection, mode)
             try:
-                in_force = _last_row(connection, START[mode.isolation])
-                if not in_force or in_force[0] != mode.name:
-                    raise Conflict(f"the mode changed to {in_force[0] if in_force else None!r}")
+                sale.begin()
                 yield sale
             finally:
                 if not sale.ended and not connection.broken:
@@ -361,13 +412,25 @@ class PostgresSale(Sale):
 
     A guard's statement (the advisory lock, the row lock) waits for the sale's next statement and goes with it
     in one round trip: the guard is held from that statement on, before the read.
+
+    A fenced sale is not one transaction: the read claims the row with the lease's token in a statement of its
+    own, committed as it runs, so that a newer holder can claim it while this one works; the write begins again
+    (holding off switches, and checking the mode anew) and writes only where the row still carries the token.
     """
 
-    def __init__(self, store: PostgresStore, connection: psycopg.Connection[Any]) -> None:
+    def __init__(self, store: PostgresStore, connection: psycopg.Connection[Any], mode: Mode) -> None:
         super().__init__(store)
         self.connection = connection
+        self.mode = mode
         self.guard_statements: list[str] = []
         self.ended = False  # committed, or refused by the database at commit
+
+    def begin(self) -> None:
+        """BEGIN, the shared hold against switches, and the mode in force, in one round trip."""
+        in_force = _last_row(self.connection, START[self.mode.isolation])
+        self.ended = False
+        if not in_force or in_force[0] != self.mode.name:
+            raise Conflict(f"the mode changed to {in_force[0] if in_force else None!r}")
 
     def take_advisory_lock(self) -> None:
         self.guard_statements.append(TAKE_ADVISORY_LOCK)
@@ -392,12 +455,33 @@ class PostgresSale(Sale):
             )
         return _order(tuple(row.values()))
 
-    def read_stored(self, how: Read) -> Inventory:
+    def read_stored(self, how: Read, holding: Holding) -> Inventory:
+        if how is Read.CLAIM:
+            return self._claim(_fence_of(holding))
         statements = "; ".join([*self.guard_statements, READ])
         self.guard_statements.clear()
         return _inventory(_last_row(self.connection, statements))
 
-    def write_stored(self, how: Write, before: Inventory, order: Order, request: IdempotentRequest | None) -> Order:
+    def _claim(self, fence: int) -> Inventory:
+        """Claim the row with ``fence``, committed as it runs; StaleFence if a newer token claimed it already.
+
+        The sale's first transaction ends before: the claim runs on its own, so that the row's lock lasts only
+        while the server runs it, and a holder stopped right after cannot keep the next holder waiting.
+        """
+        self._commit()
+        row = self.connection.execute(CLAIM, {"fence": fence}).fetchone()
+        if row is None:
+            newest = self._newest_fence()
+            raise StaleFence(f"the inventory was claimed by token {newest}, newer than this holder's {fence}", newest)
+        return _inventory(row)
+
+    def _newest_fence(self) -> int:
+        row = self.connection.execute(NEWEST_FENCE).fetchone()
+        return int(row[0]) if row else 0
+
+    def write_stored(
+        self, how: Write, before: Inventory, order: Order, request: IdempotentRequest | None, holding: Holding
+    ) -> Order:
         if how is Write.BLIND:
             self.connection.execute(WRITE_BLIND, {"remaining": order["remaining"]})
         elif how is Write.IF_VERSION:
@@ -411,6 +495,8 @@ class PostgresSale(Sale):
             if row is None:
                 raise SoldOut(f"Sold out: fewer than {order['quantity']} left when the order was written.")
             order = {**order, "remaining": row[0]}
+        elif how is Write.FENCED:
+            self._write_fenced(order, _fence_of(holding))
         else:
             self.connection.execute(LOCK_ROW)  # the memory mode writes no count, but records under the row's lock
         stamp_written(order)
@@ -420,17 +506,35 @@ class PostgresSale(Sale):
         self._commit(order["order_id"])
         return order
 
-    def _commit(self, order_id: str) -> None:
+    def _write_fenced(self, order: Order, fence: int) -> None:
+        """Begin again and write where the row still carries ``fence``; a refusal is recorded, then StaleFence."""
+        self.begin()
+        if self.connection.execute(WRITE_FENCED, {"remaining": order["remaining"], "fence": fence}).rowcount:
+            return
+        newest = self._newest_fence()
+        refusal = {**order, **order["timing"], "newest": newest, "refused_at": time.time()}
+        self.connection.execute(RECORD_REFUSAL, refusal)
+        self._commit()
+        raise StaleFence(f"token {fence} was superseded by {newest} before this holder wrote", newest)
+
+    def _commit(self, order_id: str | None = None) -> None:
+        """COMMIT; OutcomeUnknown, naming the order, if the connection broke on the way."""
         self.ended = True  # whatever the answer: a refused commit ends the transaction too
         try:
             self.connection.execute(COMMIT)
         except psycopg.OperationalError as error:
-            if not self.connection.broken:
-                raise  # the database refused the commit: nothing was written
+            if not self.connection.broken or order_id is None:
+                raise  # the database refused the commit (nothing was written), or it held no order
             raise OutcomeUnknown(
                 f"The connection broke while order {order_id} was being committed ({error}): it may "
                 f"or may not stand. GET /orders/{order_id} tells."
             ) from None
+
+
+def _fence_of(holding: Holding) -> int:
+    """The token of a guard that hands one out; only a lease does, and only lease modes fence."""
+    assert holding.fence is not None, "a fenced read or write needs a guard that hands out a fencing token"
+    return holding.fence
 
 
 @functools.cache
@@ -470,7 +574,8 @@ def _inventory(row: Any) -> Inventory:
 
 
 def _order(row: Any) -> Order:
-    order_id, buyer, quantity, remaining, mode, attempts, worker_pid, host, started_at, read_at, wrote_at = row
+    (order_id, buyer, quantity, remaining, mode, attempts, worker_pid, host) = row[:8]
+    started_at, read_at, wrote_at, fence, lease_until = row[8:]
     return {
         "order_id": order_id,
         "buyer": buyer,
@@ -478,8 +583,9 @@ def _order(row: Any) -> Order:
         "remaining": remaining,
         "mode": mode,
         "attempts": attempts,
+        "fence": fence,
         "worker_pid": worker_pid,
         "host": host,
         "store": PostgresStore.kind,
-        "timing": {"started_at": started_at, "read_at": read_at, "wrote_at": wrote_at},
+        "timing": {"started_at": started_at, "read_at": read_at, "lease_until": lease_until, "wrote_at": wrote_at},
     }

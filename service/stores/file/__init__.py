@@ -29,11 +29,10 @@ from typing import Any, ClassVar
 
 from service import flock
 from service.config import MAX_RACE_WINDOW_MS, Config
-from service.errors import OrderNotDurable, StoreDamaged, StoreWriteFailed
-from service.guards import NOTHING_SOLD
+from service.errors import Conflict, OrderNotDurable, StoreDamaged, StoreWriteFailed
+from service.guards import NOTHING_SOLD, Holding
 from service.modes import MODES, Feature, Isolation, Mode, Read, Write
 from service.stores.base import (
-    Conflict,
     Feed,
     IdempotentRequest,
     Inventory,
@@ -146,8 +145,8 @@ class FileStore(Store):
             problem = 'expected an object with exactly "mode" and "race_window_ms"'
             raise _damaged(self.settings_path, problem, "settings")
         mode, window = data["mode"], data["race_window_ms"]
-        if mode not in MODES or not self.supports(MODES[mode]) or not _is_count(window) or window > MAX_RACE_WINDOW_MS:
-            modes = ", ".join(mode.name for mode in self.modes())
+        if mode not in MODES or not self.runs(MODES[mode]) or not _is_count(window) or window > MAX_RACE_WINDOW_MS:
+            modes = ", ".join(mode.name for mode in self.available_modes())
             problem = f'"mode" must be one of {modes} and "race_window_ms" 0..{MAX_RACE_WINDOW_MS}'
             raise _damaged(self.settings_path, problem, "settings")
         return RuntimeSettings(mode=mode, race_window_ms=window)
@@ -278,10 +277,12 @@ class FileSale(Sale):
     def find_replay(self, request: IdempotentRequest) -> Order | None:
         return self.store.keys.find_replay(request)
 
-    def read_stored(self, how: Read) -> Inventory:
+    def read_stored(self, how: Read, holding: Holding) -> Inventory:
         return self.store.read_inventory()
 
-    def write_stored(self, how: Write, before: Inventory, order: Order, request: IdempotentRequest | None) -> Order:
+    def write_stored(
+        self, how: Write, before: Inventory, order: Order, request: IdempotentRequest | None, holding: Holding
+    ) -> Order:
         store = self.store
         if how is Write.MEMORY:
             store.record_order(order, request)
