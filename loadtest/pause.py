@@ -28,7 +28,10 @@ from service.lock_service import LEASE_KEY
 from service.stores.postgres import CLAIM, READ
 
 HOLDER = re.compile(r"(?P<host>.+) pid (?P<pid>\d+) \w+")  # the lease's value: service/lock_service.py
-HELD_BEFORE_PAUSE_S = 0.002
+HELD_BEFORE_PAUSE_S = 0.005  # a holder has usually read by then: it works for the race window (20 ms by default)
+# A worker whose last statement is one of these has read the count and works: its text up to the first parameter,
+# since the server shows parameters as $1, $2, ...
+STATEMENTS_BEFORE_THE_WORK = tuple(statement.split("%(")[0].strip() for statement in (READ, CLAIM))
 LOOK_EVERY_S = 0.001
 
 
@@ -49,11 +52,11 @@ class Pause:
 
 class HolderPause:
     """``with HolderPause(redis_url, database_url, workers, pause_s):`` stops one lease holder among
-    ``workers()`` once, between its read and its write."""
+    ``workers()`` once, between its read and its write, while tickets are left."""
 
     def __init__(self, redis_url: str, database_url: str, workers: Callable[[], Iterable[int]], pause_s: float) -> None:
         self.client = redis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
-        self.database_url = database_url
+        self.database = psycopg.connect(database_url, autocommit=True, connect_timeout=2)
         self.workers = workers
         self.pause_s = pause_s
         self.done = threading.Event()
@@ -70,15 +73,17 @@ class HolderPause:
         self.done.set()
         self.thread.join()
         self.client.close()
+        self.database.close()
 
     def _watch(self) -> None:
         """Until the pause is done or the phase ends: find a holder that has held the lease a moment, pause it."""
-        seen, since = "", 0.0
+        seen, since, tried = "", 0.0, ""
         while not self.done.is_set() and self.pause is None:
             holder = self._holder()
             if holder != seen:
                 seen, since = holder, time.monotonic()
-            elif holder and time.monotonic() - since >= HELD_BEFORE_PAUSE_S:
+            elif holder and holder != tried and time.monotonic() - since >= HELD_BEFORE_PAUSE_S:
+                tried = holder  # one try per holder: stopping it again and again would keep it from its read
                 self._try_to_pause(holder)
             time.sleep(LOOK_EVERY_S)
 
@@ -90,7 +95,8 @@ class HolderPause:
         return value.decode() if isinstance(value, bytes) else ""
 
     def _try_to_pause(self, holder: str) -> None:
-        """Stop the worker the lease names; keep it stopped only if it still holds the lease then."""
+        """Stop the worker the lease names; keep it stopped only if it still holds the lease, and has read a count
+        it will sell from but not written yet."""
         named = HOLDER.fullmatch(holder)
         if named is None or int(named["pid"]) not in set(self.workers()):
             return
@@ -98,20 +104,20 @@ class HolderPause:
         os.kill(pid, signal.SIGSTOP)
         stopped_at = time.time()
         try:
-            if self._holder() != holder or not self._has_read_not_written(host, pid):
-                return  # it let go, or it is writing: its sale is safe from the pause
+            if self._holder() != holder or not self._between_read_and_write(host, pid):
+                return  # it let go, it has not read yet, or it is writing: the pause would show nothing
             self.done.wait(self.pause_s)
         finally:
             os.kill(pid, signal.SIGCONT)
         self.pause = Pause(host, pid, stopped_at, time.time())
 
-    def _has_read_not_written(self, host: str, pid: int) -> bool:
-        """Whether the worker's last statement was its read (or its fenced claim): it is working, between its
-        read and its write (each worker names its connections, service/stores/postgres.py)."""
-        with psycopg.connect(self.database_url, autocommit=True, connect_timeout=2) as database:
-            row = database.execute(
-                "SELECT query FROM pg_stat_activity WHERE application_name = %s AND state <> 'active' "
-                "ORDER BY state_change DESC LIMIT 1",  # its connection in use now: the last one to change
-                (f"ticketlock {host} pid {pid}",),
-            ).fetchone()
-        return row is not None and row[0].strip().startswith((READ.strip(), CLAIM.strip()))
+    def _between_read_and_write(self, host: str, pid: int) -> bool:
+        """Whether the worker's last statement was its read (or its fenced claim) while tickets are left: it read
+        a count it will sell from, and works (each worker names its connections, service/stores/postgres.py)."""
+        row = self.database.execute(
+            "SELECT a.query, i.remaining FROM pg_stat_activity a, inventory i "
+            "WHERE a.application_name = %s AND a.state <> 'active' "
+            "ORDER BY a.state_change DESC LIMIT 1",  # its connection in use now: the last one to change
+            (f"ticketlock {host} pid {pid}",),
+        ).fetchone()
+        return row is not None and row[1] > 0 and row[0].lstrip().startswith(STATEMENTS_BEFORE_THE_WORK)

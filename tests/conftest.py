@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,10 +18,11 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
-from loadtest.checker import INFO, Outcome
+from loadtest.checker import INFO, Check, Outcome, check
 from loadtest.client import classify
 from loadtest.embedded import EmbeddedService
 from loadtest.postgres import PostgresNotFound, ThrowawayPostgres
+from loadtest.redis_server import RedisNotFound, ThrowawayRedis
 from service import create_app, prepare_for_start
 
 ADMIN_TOKEN = "test-admin-token"
@@ -50,19 +52,33 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServic
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[ThrowawayPostgres]:
-    """One throwaway PostgreSQL server for the session, from the operating system's binaries.
+    """One throwaway PostgreSQL server for the session, from the operating system's binaries."""
+    with _installed_or_skip(ThrowawayPostgres, PostgresNotFound) as database:
+        yield database
 
-    Without them the tests that need it skip with one line saying why; with CI=true, which installs them,
-    that is a failure.
-    """
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[ThrowawayRedis]:
+    """One throwaway Redis server for the session (the lock service), from the operating system's package."""
+    with _installed_or_skip(ThrowawayRedis, RedisNotFound) as server:
+        yield server
+
+
+Server = TypeVar("Server", ThrowawayPostgres, ThrowawayRedis)
+
+
+@contextmanager
+def _installed_or_skip(server: Callable[[], Server], not_installed: type[Exception]) -> Iterator[Server]:
+    """Run ``server()`` for the block. Without its program, the tests that need it skip with one line saying why;
+    with CI=true, which installs it, that is a failure."""
     try:
-        database = ThrowawayPostgres()
-    except PostgresNotFound as error:
+        started = server()
+    except not_installed as error:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI=true: {error}")
         pytest.skip(str(error))
-    with database:
-        yield database
+    with started:
+        yield started
 
 
 @pytest.fixture
@@ -203,6 +219,47 @@ def start_load(
     buyers = threading.Thread(target=buy, daemon=True)
     buyers.start()
     return buyers, outcomes
+
+
+def finish_load(buyers: threading.Thread, outcomes: list[Outcome], urls: list[str], tickets: int) -> Check:
+    """Wait for the load ``start_load`` began, then check: nothing oversold, no acknowledged order lost, and, a
+    transaction being all or nothing, a count that matches the recorded orders exactly."""
+    buyers.join(timeout=120)
+    assert not buyers.is_alive()
+    orders, remaining = read_back(urls)
+    result = check(tickets, outcomes, remaining, orders)
+    assert result.correct, result.anomalies
+    assert not result.lost_orders and result.oversold == 0
+    assert tickets - remaining == sum(order["quantity"] for order in orders)
+    return result
+
+
+def read_back(urls: list[str], within_s: float = 20) -> tuple[list[dict[str, Any]], int]:
+    """The recorded orders (from one host) and the remaining count (from another), once they answer again."""
+    apis = [Api(url, timeout_s=20) for url in urls]
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return apis[-1].all_orders(), apis[0].tickets()["remaining"]
+        except requests.RequestException:
+            assert time.monotonic() < deadline, f"the service did not answer within {within_s} s"
+            time.sleep(0.1)
+
+
+def wait_until_selling(url: str, within_s: float = 20) -> float:
+    """Restock one ticket and buy it as soon as the service sells again; how many seconds that took."""
+    api = Api(url)
+    started = time.monotonic()
+    while True:
+        try:
+            if api.post("/reset", {"tickets": 1}).status_code == 200:
+                if (sold := api.post("/orders", {"buyer": "probe"})).status_code == 201:
+                    return time.monotonic() - started
+                assert sold.status_code == 503, sold.text
+        except requests.RequestException:
+            pass
+        assert time.monotonic() - started < within_s, f"the service did not sell again within {within_s} s"
+        time.sleep(0.1)
 
 
 def store_files(directory: Path) -> dict[str, bytes]:

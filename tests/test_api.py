@@ -36,8 +36,10 @@ def test_an_order_is_created_recorded_and_found(client: FlaskClient, tmp_path: P
     assert response.status_code == 201
     order = response.json
     assert list(order) == [
-        "order_id", "buyer", "quantity", "remaining", "mode", "attempts", "worker_pid", "host", "store", "timing"
+        "order_id", "buyer", "quantity", "remaining", "mode", "attempts", "fence", "worker_pid", "host", "store",
+        "timing",
     ]  # fmt: skip
+    assert order["fence"] is None and order["timing"]["lease_until"] is None  # no lease in the locked mode
     assert (order["buyer"], order["quantity"], order["remaining"], order["mode"]) == ("路人1", 1, 9, "locked")
     timing = order["timing"]
     assert timing["started_at"] <= timing["read_at"] <= timing["wrote_at"]

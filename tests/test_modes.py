@@ -18,6 +18,7 @@ import pytest
 
 from loadtest.embedded import EmbeddedService
 from loadtest.timeline import Bar, bars_from_orders, overlapping_pairs
+from service.guards import SERVICES
 from service.modes import MODES, TABLE
 from service.stores import STORES
 from service.stores.file import FileStore
@@ -166,7 +167,7 @@ def test_the_readme_lists_every_mode_as_the_table_declares_it() -> None:
     rows = re.findall(r"^\| `([a-z-]+)` \|.*\| ([a-z ]+) \| ([a-z, ]+) \|$", section, re.MULTILINE)
 
     declared = [
-        (mode.name, mode.protects.label, ", ".join(store.kind for store in STORES if store.supports(mode)))
+        (mode.name, mode.protects.label, ", ".join(store.kind for store in STORES if store.supports(mode, SERVICES)))
         for mode in TABLE
     ]
     assert rows == declared

@@ -23,18 +23,20 @@ from typing import Any
 
 import psycopg
 import pytest
-import requests
 
-from loadtest.checker import Check, Outcome, check
+from loadtest.checker import Outcome
 from loadtest.cluster import Cluster
 from loadtest.postgres import ThrowawayPostgres
+from service.guards import SERVICES
+from service.modes import MODES
 from service.stores.postgres import PostgresStore
-from tests.conftest import Api, buy_together, run_cli, start_load
+from tests.conftest import Api, buy_together, finish_load, run_cli, start_load, wait_until_selling
 
-POSTGRES_MODES = [mode.name for mode in PostgresStore.modes()]
+# The cluster below has a lock service: every mode of the postgres store runs.
+POSTGRES_MODES = [mode.name for mode in PostgresStore.modes(SERVICES)]
 # On two hosts of four workers each, as the cluster of these tests runs.
-SAFE_MODES = [mode.name for mode in PostgresStore.modes() if mode.holds_for(hosts=2, processes=8)]
-UNSAFE_MODES = [mode.name for mode in PostgresStore.modes() if not mode.holds_for(hosts=2, processes=8)]
+SAFE_MODES = [name for name in POSTGRES_MODES if MODES[name].holds_for(hosts=2, processes=8)]
+UNSAFE_MODES = [name for name in POSTGRES_MODES if not MODES[name].holds_for(hosts=2, processes=8)]
 
 
 @pytest.fixture(scope="module")
@@ -194,47 +196,6 @@ def test_the_live_feed_misses_no_order_and_repeats_none_while_hosts_sell(hosts: 
 # --- Faults -----------------------------------------------------------------------------------------------------
 
 
-def _finish(buyers: threading.Thread, outcomes: list[Outcome], urls: list[str], tickets: int) -> Check:
-    """Wait for the load to end, then check: nothing oversold, no acknowledged order lost, and, a transaction being
-    all or nothing, a count that matches the recorded orders exactly."""
-    buyers.join(timeout=120)
-    assert not buyers.is_alive()
-    orders, remaining = _read_back(urls)
-    result = check(tickets, outcomes, remaining, orders)
-    assert result.correct, result.anomalies
-    assert not result.lost_orders and result.oversold == 0
-    assert tickets - remaining == sum(order["quantity"] for order in orders)
-    return result
-
-
-def _read_back(urls: list[str], within_s: float = 20) -> tuple[list[dict[str, Any]], int]:
-    """The recorded orders (from one host) and the remaining count (from the other), once they answer again."""
-    apis = [Api(url, timeout_s=20) for url in urls]
-    deadline = time.monotonic() + within_s
-    while True:
-        try:
-            return apis[1].all_orders(), apis[0].tickets()["remaining"]
-        except requests.RequestException:
-            assert time.monotonic() < deadline, f"the service did not answer within {within_s} s"
-            time.sleep(0.1)
-
-
-def _wait_until_selling(url: str, within_s: float = 20) -> float:
-    """Restock one ticket and buy it as soon as the service sells again; how many seconds that took."""
-    api = Api(url)
-    started = time.monotonic()
-    while True:
-        try:
-            if api.post("/reset", {"tickets": 1}).status_code == 200:
-                if (sold := api.post("/orders", {"buyer": "probe"})).status_code == 201:
-                    return time.monotonic() - started
-                assert sold.status_code == 503, sold.text
-        except requests.RequestException:
-            pass
-        assert time.monotonic() - started < within_s, f"the service did not sell again within {within_s} s"
-        time.sleep(0.1)
-
-
 def _holder_of_a_contended_lock(database: psycopg.Connection[Any]) -> int | None:
     """The gunicorn worker whose transaction holds a lock that other purchases wait for (sitting in its race
     window), from the application_name each worker gives its connections."""
@@ -269,11 +230,11 @@ def test_killing_the_worker_that_holds_the_database_lock_releases_it_and_loses_n
         killed.append(holder)
         time.sleep(0.2)  # let the database see the connection drop and hand the lock on
 
-    result = _finish(buyers, outcomes, cluster.urls, tickets)
+    result = finish_load(buyers, outcomes, cluster.urls, tickets)
     assert killed, "no worker was caught holding the lock"
     assert result.info >= 1  # the killed workers' buyers never heard back
     assert result.ok >= 10  # the lock was handed on: sales went on after each kill
-    _wait_until_selling(cluster.urls[0])
+    wait_until_selling(cluster.urls[0])
 
 
 def _terminate_service_connections(database: psycopg.Connection[Any]) -> int:
@@ -293,10 +254,10 @@ def test_terminating_every_service_connection_mid_load_loses_nothing_and_recover
         time.sleep(0.3)
         terminated.append(_terminate_service_connections(database))
 
-    _finish(buyers, outcomes, cluster.urls, tickets)
+    finish_load(buyers, outcomes, cluster.urls, tickets)
     assert sum(terminated) >= 4, terminated
     _assert_answers_were_json_and_bounded(outcomes)
-    _wait_until_selling(cluster.urls[0])
+    wait_until_selling(cluster.urls[0])
 
 
 def test_a_database_restart_mid_load_answers_503_then_recovers_by_itself(
@@ -309,8 +270,8 @@ def test_a_database_restart_mid_load_answers_503_then_recovers_by_itself(
     down = [Api(url).post("/orders", {"buyer": "while down"}, timeout=20) for url in cluster.urls]
     postgres.restart()
 
-    _finish(buyers, outcomes, cluster.urls, tickets)
-    back_after_s = _wait_until_selling(cluster.urls[1])
+    finish_load(buyers, outcomes, cluster.urls, tickets)
+    back_after_s = wait_until_selling(cluster.urls[1])
     for answer in down:
         assert (answer.status_code, answer.json()["error"]) == (503, "store_unavailable")
         assert answer.headers["Retry-After"] == "1"

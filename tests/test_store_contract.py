@@ -1,7 +1,8 @@
 """The store contract: what every store guarantees, written once and run against each store the service has.
 
 Each test runs once per store of ``service.stores.STORES`` (the file store on a temporary db.json, the postgres
-store on the session's throwaway PostgreSQL), in process, through the store's own interface and ``purchase``. A
+store on the session's throwaway PostgreSQL), in process, through the store's own interface and ``purchase``,
+each with the session's throwaway Redis as its lock service, so that the lease modes run wherever they can. A
 test that needs something only some stores can do skips on the others by what they declare (``Store.features``,
 ``Store.supports``), never by their name, as Django's shared backend tests do with ``skipUnlessDBFeature``.
 """
@@ -16,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from loadtest.postgres import ThrowawayPostgres
+from loadtest.redis_server import ThrowawayRedis
 from service.config import load_config
-from service.errors import IdempotencyKeyReused, SoldOut
+from service.errors import Conflict, IdempotencyKeyReused, SoldOut, StaleFence
 from service.guards import Holding
 from service.modes import MODES, TABLE, Feature, Mode, Read, Write
 from service.purchase import PurchaseRequest, purchase
 from service.stores import STORES, Inventory, Order, Store
-from service.errors import Conflict
 from tests.conftest import release_together
 
 WINDOW_MS = 150  # long enough that concurrent sales surely overlap in their race windows
@@ -32,20 +33,21 @@ StoreMaker = Callable[[pytest.FixtureRequest, Path], Store]
 
 
 def _file_store(request: pytest.FixtureRequest, folder: Path) -> Store:
-    return _open("file", {"db_path": folder / "db.json"})
+    return _open(request, "file", {"db_path": folder / "db.json"})
 
 
 def _postgres_store(request: pytest.FixtureRequest, folder: Path) -> Store:
     database: ThrowawayPostgres = request.getfixturevalue("postgres")
-    return _open("postgres", {"db_path": folder / "db.json", "database_url": database.url})
+    return _open(request, "postgres", {"db_path": folder / "db.json", "database_url": database.url})
 
 
 MAKERS: dict[str, StoreMaker] = {"file": _file_store, "postgres": _postgres_store}
 
 
-def _open(kind: str, overrides: dict[str, object]) -> Store:
-    store_class = next(store for store in STORES if store.kind == kind)
-    store = store_class(load_config({**overrides, "tickets": 10, "race_window_ms": 0}))
+def _open(request: pytest.FixtureRequest, kind: str, overrides: dict[str, object]) -> Store:
+    lock_service: ThrowawayRedis = request.getfixturevalue("redis_server")
+    settings = {**overrides, "tickets": 10, "race_window_ms": 0, "redis_url": lock_service.url}
+    store = next(store for store in STORES if store.kind == kind)(load_config(settings))
     store.prepare()
     return store
 
@@ -67,8 +69,8 @@ def store(any_store: Store) -> Iterator[Store]:
 
 
 def needs(store: Store, *features: Feature) -> None:
-    """Skip unless the store declares every one of ``features``."""
-    missing = [feature for feature in features if feature not in store.features]
+    """Skip unless the store declares every one of ``features`` (or its configuration gives it)."""
+    missing = [feature for feature in features if feature not in store.features | store.services]
     if missing:
         pytest.skip(f"the {store.kind} store does not declare {', '.join(str(feature) for feature in missing)}")
 
@@ -216,6 +218,25 @@ def test_a_conditional_write_never_sells_what_another_sale_took_since_the_read(s
     assert store.read_inventory().remaining == 0
 
 
+def test_a_fenced_write_is_refused_once_a_newer_token_claimed_the_count(store: Store) -> None:
+    needs(store, Read.CLAIM, Write.FENCED)
+    fenced = MODES["fenced-lease"]
+    store.change_settings({"mode": fenced.name})
+    older, newer = Holding(fence=time.time_ns()), Holding(fence=time.time_ns() + 1)
+
+    with store.begin_sale(fenced) as sale:
+        before = sale.read(Read.CLAIM, older)
+        _in_another_thread(lambda: _sell(store, fenced, newer))  # a newer holder claims, and sells
+        with pytest.raises(StaleFence) as refused:
+            sale.write(Write.FENCED, before, _order(before, "stale", older), None, older)
+
+    assert refused.value.newest == newer.fence
+    assert store.read_inventory().remaining == 9
+    assert [(refusal["buyer"], refusal["fence"]) for refusal in store.refusals()] == [("stale", older.fence)]
+    with store.begin_sale(fenced) as sale, pytest.raises(StaleFence):
+        sale.read(Read.CLAIM, older)  # and an older token cannot claim it again
+
+
 def test_a_reset_waits_for_the_sales_in_flight(store: Store) -> None:
     unlocked = MODES["unlocked"]
     store.change_settings({"mode": unlocked.name})
@@ -278,7 +299,14 @@ def _write_blind(store: Store, mode: Mode) -> None:
         sale.write(Write.BLIND, before, _order(before, "meddler"), None, holding)
 
 
-def _order(before: Inventory, buyer: str) -> Order:
+def _sell(store: Store, mode: Mode, holding: Holding) -> None:
+    """A whole sale of one ticket in ``mode``'s own read and write, as a guard that handed out ``holding`` would."""
+    with store.begin_sale(mode) as sale:
+        before = sale.read(mode.read, holding)
+        sale.write(mode.write, before, _order(before, "newer", holding), None, holding)
+
+
+def _order(before: Inventory, buyer: str, holding: Holding | None = None) -> Order:
     return {
         "order_id": f"{buyer}-{time.time_ns()}",
         "buyer": buyer,
@@ -286,8 +314,9 @@ def _order(before: Inventory, buyer: str) -> Order:
         "remaining": before.remaining - 1,
         "mode": "contract",
         "attempts": 1,
+        "fence": holding.fence if holding else None,
         "worker_pid": 0,
         "host": "contract",
         "store": "contract",
-        "timing": {"started_at": 0.0, "read_at": 0.0},
+        "timing": {"started_at": 0.0, "read_at": 0.0, "lease_until": None},
     }

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from service.config import Config, ConfigError
-from service.guards import SERVICES, GuardedSale, Holding
+from service.guards import SERVICES, Ability, GuardedSale, Holding
 from service.lock_service import LockService, lock_service_for
 from service.modes import MODES, TABLE, Feature, Mode, Read, Write
 
@@ -174,22 +174,22 @@ class Store(ABC):
         """Which data this store keeps (its file, or its database): the same on every worker of every host."""
 
     @classmethod
-    def supports(cls, mode: Mode) -> bool:
-        """Whether this kind of store can run ``mode``, given the services it needs (a lock service)."""
-        return mode.needs() <= cls.features | SERVICES
+    def supports(cls, mode: Mode, services: frozenset[Ability] = frozenset()) -> bool:
+        """Whether this kind of store runs ``mode`` when the configuration gives it ``services`` (SERVICES: all)."""
+        return mode.needs() <= cls.features | services
 
     @classmethod
-    def modes(cls) -> list[Mode]:
-        """The modes this kind of store can run, in the table's order."""
-        return [mode for mode in TABLE if cls.supports(mode)]
+    def modes(cls, services: frozenset[Ability] = frozenset()) -> list[Mode]:
+        """The modes this kind of store runs with ``services``, in the table's order."""
+        return [mode for mode in TABLE if cls.supports(mode, services)]
 
     def runs(self, mode: Mode) -> bool:
         """Whether this store, as configured, runs ``mode``."""
-        return mode.needs() <= self.features | self.services
+        return self.supports(mode, self.services)
 
     def available_modes(self) -> list[Mode]:
         """The modes this store, as configured, runs, in the table's order."""
-        return [mode for mode in TABLE if self.runs(mode)]
+        return self.modes(self.services)
 
     def lock_service(self) -> LockService:
         """This worker's way to the configured lock service (made on first use, after the fork)."""
