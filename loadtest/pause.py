@@ -12,27 +12,33 @@ tried. A stopped worker always gets SIGCONT again, also when the phase ends earl
 
 from __future__ import annotations
 
+import math
+import multiprocessing
+import multiprocessing.queues
 import os
 import re
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import psycopg
 import redis
 
+from loadtest.embedded import processes_in_group
 from service.lock_service import LEASE_KEY
 from service.stores.postgres import CLAIM, READ
 
 HOLDER = re.compile(r"(?P<host>.+) pid (?P<pid>\d+) \w+")  # the lease's value: service/lock_service.py
-HELD_BEFORE_PAUSE_S = 0.005  # a holder has usually read by then: it works for the race window (20 ms by default)
+TRY_EVERY_S = 0.005  # how long a holder runs between two tries to stop it
+PAUSED, READING, WRITING = "paused", "reading", "writing"
 # A worker whose last statement is one of these has read the count and works: its text up to the first parameter,
 # since the server shows parameters as $1, $2, ...
 STATEMENTS_BEFORE_THE_WORK = tuple(statement.split("%(")[0].strip() for statement in (READ, CLAIM))
+WRITES = ("UPDATE", "INSERT")  # (a COMMIT may end its first transaction, before its claim)
 LOOK_EVERY_S = 0.001
+START_TIMEOUT_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -51,41 +57,86 @@ class Pause:
 
 
 class HolderPause:
-    """``with HolderPause(redis_url, database_url, workers, pause_s):`` stops one lease holder among
-    ``workers()`` once, between its read and its write, while tickets are left."""
+    """``with HolderPause(redis_url, database_url, masters, pause_s):`` stops one lease holder among the workers of
+    the gunicorn ``masters`` once, between its read and its write, while tickets are left (``.pause`` after).
 
-    def __init__(self, redis_url: str, database_url: str, workers: Callable[[], Iterable[int]], pause_s: float) -> None:
-        self.client = redis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
-        self.database = psycopg.connect(database_url, autocommit=True, connect_timeout=2)
-        self.workers = workers
-        self.pause_s = pause_s
-        self.done = threading.Event()
+    The watching runs in a process of its own: in this one, the buyers' threads would keep it from the GIL for
+    longer than a race window.
+    """
+
+    def __init__(self, redis_url: str, database_url: str, masters: list[int], pause_s: float) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.stop = context.Event()
+        self.results: multiprocessing.queues.Queue[Pause | None] = context.Queue()
+        self.masters = masters
+        self.process = context.Process(
+            target=_watch, args=(redis_url, database_url, masters, pause_s, self.stop, self.results), daemon=True
+        )
         self.pause: Pause | None = None
-        self.thread = threading.Thread(target=self._watch, name="holder-pause", daemon=True)
 
     def __enter__(self) -> HolderPause:
-        self.thread.start()
+        self.process.start()
+        if self.results.get(timeout=START_TIMEOUT_S) is not READY_MARK:  # it watches before the buyers go
+            raise RuntimeError("the holder pause did not start")
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        self.done.set()
-        self.thread.join()
-        self.client.close()
-        self.database.close()
+        self.stop.set()
+        self.pause = self.results.get(timeout=START_TIMEOUT_S)
+        self.process.join(timeout=START_TIMEOUT_S)
+        if self.process.exitcode != 0:  # whatever happened to it, no worker stays stopped
+            for pid in _workers(self.masters):
+                os.kill(pid, signal.SIGCONT)
 
-    def _watch(self) -> None:
+
+READY_MARK = None  # the first thing the watcher says: it is ready (then, the pause it made, or None)
+
+
+def _watch(redis_url: str, database_url: str, masters: list[int], pause_s: float, stop: Any, results: Any) -> None:
+    """The watcher process: say it is ready, pause one holder, then say which (None if none) once told to stop."""
+    watcher = _Watcher(redis_url, database_url, masters, pause_s, stop)
+    results.put(READY_MARK)
+    try:
+        watcher.watch()
+    finally:
+        stop.wait()
+        results.put(watcher.pause)
+
+
+class _Watcher:
+    """Finds the lease's holder, and stops it when it stands between its read and its write."""
+
+    def __init__(self, redis_url: str, database_url: str, masters: list[int], pause_s: float, stop: Any) -> None:
+        self.client = redis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+        self.database = psycopg.connect(database_url, autocommit=True, connect_timeout=2)
+        self.masters = masters
+        self.workers = _workers(masters)
+        self.pause_s = pause_s
+        self.done = stop
+        self.pause: Pause | None = None
+
+    def watch(self) -> None:
         """Until the pause is done or the phase ends: find a holder that has held the lease a moment, pause it."""
-        seen, since, tried = "", 0.0, ""
+        seen, next_try = "", 0.0
         while not self.done.is_set() and self.pause is None:
             holder = self._holder()
             if holder != seen:
-                seen, since = holder, time.monotonic()
-            elif holder and holder != tried and time.monotonic() - since >= HELD_BEFORE_PAUSE_S:
-                tried = holder  # one try per holder: stopping it again and again would keep it from its read
-                self._try_to_pause(holder)
+                seen, next_try = holder, time.monotonic() + TRY_EVERY_S
+            elif holder and time.monotonic() >= next_try:
+                # Not again at once: stopping a holder again and again would keep it from ever reading.
+                next_try = time.monotonic() + TRY_EVERY_S
+                if self._try_to_pause(holder) is WRITING:
+                    next_try = math.inf  # too late for this holder: wait for the next one
             time.sleep(LOOK_EVERY_S)
+
+    def _is_ours(self, pid: int) -> bool:
+        """Whether ``pid`` is a worker of our hosts (looked up again only for a pid not seen before: a worker that
+        gunicorn started since)."""
+        if pid not in self.workers:
+            self.workers = _workers(self.masters)
+        return pid in self.workers
 
     def _holder(self) -> str:
         try:
@@ -94,30 +145,41 @@ class HolderPause:
             return ""
         return value.decode() if isinstance(value, bytes) else ""
 
-    def _try_to_pause(self, holder: str) -> None:
-        """Stop the worker the lease names; keep it stopped only if it still holds the lease, and has read a count
-        it will sell from but not written yet."""
+    def _try_to_pause(self, holder: str) -> str:
+        """Stop the worker the lease names, and keep it stopped only if it still holds the lease, and has read a
+        count it will sell from but not written yet: where it stood (PAUSED, READING or WRITING)."""
         named = HOLDER.fullmatch(holder)
-        if named is None or int(named["pid"]) not in set(self.workers()):
-            return
+        if named is None or not self._is_ours(int(named["pid"])):
+            return WRITING  # not a worker of our hosts
         host, pid = named["host"], int(named["pid"])
         os.kill(pid, signal.SIGSTOP)
         stopped_at = time.time()
         try:
-            if self._holder() != holder or not self._between_read_and_write(host, pid):
-                return  # it let go, it has not read yet, or it is writing: the pause would show nothing
-            self.done.wait(self.pause_s)
+            where = self._where(host, pid) if self._holder() == holder else WRITING
+            if where is PAUSED:
+                self.done.wait(self.pause_s)
         finally:
             os.kill(pid, signal.SIGCONT)
-        self.pause = Pause(host, pid, stopped_at, time.time())
+        if where is PAUSED:
+            self.pause = Pause(host, pid, stopped_at, time.time())
+        return where
 
-    def _between_read_and_write(self, host: str, pid: int) -> bool:
-        """Whether the worker's last statement was its read (or its fenced claim) while tickets are left: it read
-        a count it will sell from, and works (each worker names its connections, service/stores/postgres.py)."""
+    def _where(self, host: str, pid: int) -> str:
+        """Where a stopped worker stands, by its last statement (each worker names its connections,
+        service/stores/postgres.py) and the tickets left: PAUSED when it read a count it will sell from and works."""
         row = self.database.execute(
             "SELECT a.query, i.remaining FROM pg_stat_activity a, inventory i "
             "WHERE a.application_name = %s AND a.state <> 'active' "
             "ORDER BY a.state_change DESC LIMIT 1",  # its connection in use now: the last one to change
             (f"ticketlock {host} pid {pid}",),
         ).fetchone()
-        return row is not None and row[1] > 0 and row[0].lstrip().startswith(STATEMENTS_BEFORE_THE_WORK)
+        if row is None or row[1] == 0:
+            return WRITING  # nothing it could sell: a pause would show nothing
+        if row[0].lstrip().startswith(STATEMENTS_BEFORE_THE_WORK):
+            return PAUSED
+        return WRITING if row[0].lstrip().startswith(WRITES) else READING
+
+
+def _workers(masters: list[int]) -> set[int]:
+    """The workers of these gunicorn masters right now (each master leads the process group of its workers)."""
+    return {pid for master in masters for pid in processes_in_group(master) if pid != master}

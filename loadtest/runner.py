@@ -174,11 +174,6 @@ class Target:
         """Whether a lease holder can be stopped: the workers are this program's, and so is the lock service."""
         return self.cluster is not None and self.cluster.redis_url is not None
 
-    def workers(self) -> list[int]:
-        """The embedded hosts' worker PIDs right now (the processes a pause may stop)."""
-        assert self.cluster is not None
-        return [pid for host in self.cluster.hosts for pid in host.worker_pids()]
-
 
 @contextmanager
 def target(options: LoadOptions, service_pids: list[int] | None = None) -> Iterator[Target]:
@@ -291,7 +286,8 @@ def pausing(hosts: Target, pause_ms: int | None) -> Iterator[HolderPause | None]
     if pause_ms is None or cluster is None or cluster.redis_url is None or cluster.database_url is None:
         yield None
         return
-    with HolderPause(cluster.redis_url, cluster.database_url, hosts.workers, pause_ms / 1000) as pause:
+    masters = [host.master_pid for host in cluster.hosts if host.master_pid]
+    with HolderPause(cluster.redis_url, cluster.database_url, masters, pause_ms / 1000) as pause:
         yield pause
 
 
