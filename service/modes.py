@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 
-from service.guards import AdvisoryLock, Guard, HostFileLock, Nothing, RowLock, ThreadLock
+from service.guards import AdvisoryLock, Guard, HostFileLock, Nothing, PollingFileLock, RowLock, ThreadLock
 from service.guards.base import Ability
+from service.guards.file_lock import POLL_INTERVAL_S
 
 
 class Read(Enum):
@@ -114,6 +115,16 @@ TABLE = (
         Write.BLIND,
         Reach.ONE_HOST,
         "every worker of this host takes the same file lock, but another host would lock a file of its own",
+    ),
+    Mode(
+        "filelock",
+        PollingFileLock(),
+        Read.PLAIN,
+        Write.BLIND,
+        Reach.ONE_HOST,
+        f"locked's cure with filelock.FileLock, whose waiters poll every {POLL_INTERVAL_S * 1000:g} ms: the worker "
+        "that just let go takes it again before they wake, where flock wakes the next waiter at once; another host "
+        "would lock a file of its own",
     ),
     Mode(
         "thread-lock",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from service.guards.advisory import AdvisoryLock
 from service.guards.base import NOTHING_SOLD, Ability, Guard, GuardedSale, Holding
+from service.guards.file_lock import PollingFileLock
 from service.guards.host_file import HostFileLock
 from service.guards.nothing import Nothing
 from service.guards.row_lock import RowLock
@@ -18,6 +19,7 @@ __all__ = [
     "Holding",
     "HostFileLock",
     "Nothing",
+    "PollingFileLock",
     "RowLock",
     "ThreadLock",
 ]
