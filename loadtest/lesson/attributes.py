@@ -5,22 +5,30 @@ from __future__ import annotations
 
 import signal
 import time
+from multiprocessing.synchronize import Event
 
 from loadtest.lesson.processes import FORK, Ledger, finish, status
 from loadtest.lesson.step import Step
 
+TIMEOUT_S = 10.0
 
-def wait_for_a_ticket() -> None:
-    """In the child: wait far longer than the lesson lets it."""
+
+def wait_for_a_ticket(running: Event) -> None:
+    """In the child: say it runs, then wait far longer than the lesson lets it."""
+    running.set()
     time.sleep(60)
 
 
 def show(ledger: Ledger) -> Step:
     step = Step("attributes", "a process's name, pid, is_alive(), terminate() and exitcode")
-    buyer = FORK.Process(target=wait_for_a_ticket, name="buyer-1")
+    running = FORK.Event()
+    buyer = FORK.Process(target=wait_for_a_ticket, args=(running,), name="buyer-1")
     step.say(f"before start(): name {buyer.name!r}, pid {buyer.pid}, is_alive() {buyer.is_alive()}")
     try:
         ledger.start(buyer)
+        # Terminated before CPython finished forking it, the child would lose the SIGTERM: CPython clears signals
+        # that arrive before its after-fork step, and the lesson's own SIGTERM handler is in force until then.
+        running.wait(TIMEOUT_S)
         alive = buyer.is_alive()
         seen = status(buyer.pid)
         step.say(f"after start(): pid {buyer.pid}, is_alive() {alive}; /proc: {seen.described if seen else 'none'}")

@@ -7,12 +7,14 @@ line on stderr names the section and the reason); 2 for usage errors.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from types import FrameType
 from typing import Any, TextIO
 
 from loadtest.lesson.runner import SECTIONS, Lesson, run
@@ -23,11 +25,18 @@ EXIT_SHOWN, EXIT_NOT_SHOWN = 0, 1
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``ticketlock-lesson`` and ``python -m loadtest.lesson``."""
-    # SIGTERM unwinds like Ctrl-C, so that every process the lesson started is ended on the way out; its forked
-    # children get SIGTERM's default back, so that terminate() ends them as it would any process (exitcode -15).
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, os.getpid()))
     sys.exit(cli(argv, sys.stdout, sys.stderr))
+
+
+def _on_sigterm(lesson: int, signum: int, frame: FrameType | None) -> None:
+    """In the lesson, SIGTERM unwinds like Ctrl-C, so that every process it started is ended on the way out. A
+    forked child inherits this handler: there SIGTERM does what it does to any process (``terminate()``'s exitcode
+    -15), also before the child's own code has begun."""
+    if os.getpid() == lesson:
+        sys.exit(128 + signum)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def cli(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
