@@ -245,11 +245,13 @@ def release_buyers(
             progress(label, done, buyers)
 
     def buyer_thread(client: ServiceClient) -> None:
-        def ready(index: int) -> Buyer:
+        def ready(index: int | None) -> Buyer | None:
+            if index is None:
+                return None
             return Buyer(client.base_url + "/orders", f"buyer-{index + 1}", timeout_s=client.timeout_s)
 
-        index = take()  # never None: there are at least as many buyers as threads
-        buyer = ready(index) if index is not None else None
+        index = take()
+        buyer = ready(index)  # the thread's first buyer, ready before the start line
         # The timeout keeps a thread that could not start from holding the others back forever.
         with suppress(threading.BrokenBarrierError):
             start_line.wait(timeout=STARTUP_TIMEOUT_S)
@@ -262,7 +264,7 @@ def release_buyers(
                 first = False
             report(index, outcome)
             index = take()
-            buyer = ready(index) if index is not None else None
+            buyer = ready(index)
 
     threads = [
         threading.Thread(target=buyer_thread, args=(clients[n % len(clients)],), name=f"buyer-{n}")

@@ -30,7 +30,7 @@ STATES = {
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 # The lesson's processes are forked, as the classic lesson's are on Linux: the child starts as a copy of the parent,
-# memory and all, which is what sections 3 and 6 are about (and Python 3.14 no longer forks by default).
+# memory and all, which is what section 3 is about (and Python 3.14 no longer forks by default).
 FORK = multiprocessing.get_context("fork")
 
 
