@@ -1,14 +1,22 @@
-"""Talking to the booking API over HTTP, with the standard library's ``http.client`` (light enough for load)."""
+"""Talking to the booking API over HTTP with ``requests``, as people write such scripts: the admin calls, and each
+buyer's purchase on a ``requests.Session`` of its own.
+
+``--throughput`` alone sends on the standard library's ``http.client`` (``ServiceClient.connection``): there the
+client's own CPU per request limits the figure, and requests spends about four times as much of it (measured in
+``loadtest/throughput.py``'s docstring).
+"""
 
 from __future__ import annotations
 
 import http.client
-import json
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+import requests
 
 from loadtest.checker import FAIL, INFO, OK, Outcome
 
@@ -46,19 +54,19 @@ class ServiceClient:
         self.timeout_s = timeout_s
 
     def connection(self) -> http.client.HTTPConnection:
-        """A new, not yet connected, HTTP connection to the service."""
+        """A new, not yet connected, ``http.client`` connection to the service (``--throughput`` only)."""
         kind = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
         return kind(self.host, self.port, timeout=self.timeout_s)
 
-    def request(self, method: str, path: str, body: object = None, admin: bool = False) -> Reply:
+    def request(self, method: str, path: str, body: Any = None, admin: bool = False) -> Reply:
         """Send one request on a fresh connection; ServiceUnreachable if no answer comes."""
-        connection = self.connection()
         try:
-            return send(connection, method, self.prefix + path, body, self._headers(admin))
-        except (OSError, http.client.HTTPException) as error:
+            response = requests.request(
+                method, self.base_url + path, json=body, headers=self._headers(admin), timeout=self.timeout_s
+            )
+        except requests.RequestException as error:
             raise ServiceUnreachable(f"{self.base_url} did not answer {method} {path}: {describe(error)}") from None
-        finally:
-            connection.close()
+        return Reply(response.status_code, _parsed(response), dict(response.headers))
 
     def _headers(self, admin: bool) -> dict[str, str]:
         if admin and self.token:
@@ -117,22 +125,14 @@ class ServiceClient:
                 return orders
 
 
-def send(
-    connection: http.client.HTTPConnection, method: str, path: str, body: object, headers: dict[str, str]
-) -> Reply:
-    """Send one request on ``connection`` and read the whole answer."""
-    payload = None if body is None else json.dumps(body).encode()
-    all_headers = {"Accept": "application/json", **headers}
-    if payload is not None:
-        all_headers["Content-Type"] = "application/json"
-    connection.request(method, path, body=payload, headers=all_headers)
-    response = connection.getresponse()
-    raw = response.read()
+def _parsed(response: requests.Response) -> Any:
+    """The answer's JSON, or its text when it is not JSON (an error page of a proxy, say), or None when empty."""
+    if not response.content:
+        return None
     try:
-        parsed = json.loads(raw) if raw else None
+        return response.json()
     except ValueError:
-        parsed = raw.decode(errors="replace")
-    return Reply(response.status, parsed, dict(response.getheaders()))
+        return response.text
 
 
 # Server errors after which the service promises nothing was sold: the checker holds it to that promise.
@@ -146,16 +146,27 @@ NOTHING_SOLD = {
 }
 
 
-def buy(connection: http.client.HTTPConnection, path: str, buyer: str, quantity: int = 1) -> Outcome:
-    """One buyer's purchase on an (ideally already open) connection, classified as ok, fail or info."""
-    invoked_at = time.time()
-    try:
-        reply = send(connection, "POST", path, {"buyer": buyer, "quantity": quantity}, {})
-    except (OSError, http.client.HTTPException) as error:
-        return Outcome(buyer, quantity, INFO, invoked_at, time.time(), error=describe(error))
-    finally:
-        connection.close()
-    return classify(buyer, quantity, invoked_at, reply.status, reply.body)
+class Buyer:
+    """One buyer: a ``requests.Session`` of its own, and its ``POST /orders`` prepared, so that ``buy`` only sends."""
+
+    def __init__(self, url: str, name: str, quantity: int = 1, timeout_s: float = 10.0) -> None:
+        self.name = name
+        self.quantity = quantity
+        self.timeout_s = timeout_s
+        self.session = requests.Session()
+        body: dict[str, Any] = {"buyer": name, "quantity": quantity}
+        self.request = self.session.prepare_request(requests.Request("POST", url, json=body))
+
+    def buy(self) -> Outcome:
+        """Send the purchase and classify the answer as ok, fail or info; the session is closed after."""
+        invoked_at = time.time()
+        try:
+            response = self.session.send(self.request, timeout=self.timeout_s)
+        except requests.RequestException as error:
+            return Outcome(self.name, self.quantity, INFO, invoked_at, time.time(), error=describe(error))
+        finally:
+            self.session.close()
+        return classify(self.name, self.quantity, invoked_at, response.status_code, _parsed(response))
 
 
 def classify(buyer: str, quantity: int, invoked_at: float, status: int, body: object) -> Outcome:
@@ -170,11 +181,30 @@ def classify(buyer: str, quantity: int, invoked_at: float, status: int, body: ob
 
 
 def describe(error: BaseException) -> str:
-    """A short, stable name for a network failure: ``timeout``, ``connection_refused``, ..."""
-    if isinstance(error, (socket.timeout, TimeoutError)):
-        return "timeout"
-    if isinstance(error, ConnectionRefusedError):
-        return "connection_refused"
-    if isinstance(error, (ConnectionResetError, http.client.RemoteDisconnected)):
-        return "connection_reset"
+    """A short, stable name for a network failure: ``timeout``, ``connection_refused``, ...
+
+    requests wraps the socket's error in its own (and urllib3's) exceptions: the name is that of the first known
+    failure found down the chain of causes.
+    """
+    for cause in _causes(error):
+        if isinstance(cause, (socket.timeout, TimeoutError, requests.Timeout)):
+            return "timeout"
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection_refused"
+        if isinstance(cause, (ConnectionResetError, http.client.RemoteDisconnected)):
+            return "connection_reset"
     return type(error).__name__
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """``error``, then what caused it, nearest first: explicit causes, contexts, urllib3's ``reason`` and arguments."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        cause = pending.pop(0)
+        if id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        yield cause
+        linked = [cause.__cause__, cause.__context__, getattr(cause, "reason", None), *cause.args]
+        pending += [each for each in linked if isinstance(each, BaseException)]

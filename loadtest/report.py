@@ -84,6 +84,7 @@ ROWS: list[tuple[str, Callable[[PhaseResult], Any]]] = [
     ("gave up (503)", lambda phase: phase.check.gave_up),
     ("hosts (distinct)", lambda phase: len({host for host, _ in phase.check.sellers})),
     ("workers (distinct pids)", lambda phase: len(phase.check.sellers)),
+    ("sends spread over (ms)", lambda phase: round(phase.send_spread_ms)),
     ("throughput (req/s)", lambda phase: round(phase.throughput_rps)),
     ("latency p50 (ms)", lambda phase: round(phase.latency_ms.p50)),
     ("latency p90 (ms)", lambda phase: round(phase.latency_ms.p90)),

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loadtest.checker import INFO, Check, Outcome, check
-from loadtest.client import ServiceClient, buy
+from loadtest.client import Buyer, ServiceClient
 from loadtest.cluster import Cluster
 from loadtest.embedded import STARTUP_TIMEOUT_S
 from loadtest.pause import HolderPause, Pause
@@ -89,6 +89,7 @@ class PhaseResult:
     check: Check
     duration_s: float
     throughput_rps: float
+    send_spread_ms: float  # how far apart the buyers released together sent their first requests
     latency_ms: Latency
     errors: dict[str, int]
     outcomes: list[Outcome] = field(repr=False)
@@ -254,8 +255,9 @@ def run_phase(
         progress(label, 0, options.buyers)
     started = time.monotonic()
     with pausing(hosts, phase.pause_ms) as pause:
-        outcomes = release_buyers(clients, options.buyers, options.concurrency or options.buyers, label, progress)
+        release = release_buyers(clients, options.buyers, options.concurrency or options.buyers, label, progress)
     duration_s = time.monotonic() - started
+    outcomes = release.outcomes
     if any(outcome.kind == INFO for outcome in outcomes):
         # A buyer who gave up may still be queued at the server: let it finish before reading back.
         time.sleep(SETTLE_S + settings["race_window_ms"] / 1000)
@@ -268,6 +270,7 @@ def run_phase(
         check=check(options.tickets, outcomes, remaining, orders),
         duration_s=duration_s,
         throughput_rps=len(outcomes) / duration_s if duration_s > 0 else 0.0,
+        send_spread_ms=release.send_spread_ms,
         latency_ms=Latency.of_seconds(outcome.latency_s for outcome in outcomes),
         errors=_errors(outcomes),
         outcomes=outcomes,
@@ -291,24 +294,34 @@ def pausing(hosts: Target, pause_ms: int | None) -> Iterator[HolderPause | None]
         yield pause
 
 
+@dataclass(frozen=True)
+class Release:
+    """What the buyers of one phase were told, and how close together the first of them sent their requests."""
+
+    outcomes: list[Outcome]
+    send_spread_ms: float  # the first request of each buyer thread: the latest send minus the earliest
+
+
 def release_buyers(
     clients: Sequence[ServiceClient],
     buyers: int,
     concurrency: int,
     label: str,
     progress: ProgressCallback | None = None,
-) -> list[Outcome]:
+) -> Release:
     """Send ``buyers`` purchases from ``concurrency`` threads, all starting together behind a barrier.
 
-    Thread N buys from ``clients[N % len(clients)]``: the buyers are spread over the hosts round-robin.
+    Thread N buys from ``clients[N % len(clients)]``: the buyers are spread over the hosts round-robin. Each buyer
+    has a ``requests.Session`` of its own; the first buyer of each thread prepares its request before the start
+    line, so that after it only the sending is left.
     """
     concurrency = max(1, min(concurrency, buyers))
     outcomes: list[Outcome | None] = [None] * buyers
+    first_sends: list[float] = []  # when the first buyer of each thread sent, after the start line
     next_buyer = iter(range(buyers))
     take_lock = threading.Lock()
     answered = [0]
-    # Every thread connects first and then waits here, so that the first requests leave together, not one connect
-    # after another.
+    # Every thread makes its first buyer ready and then waits here, so that the first requests leave together.
     start_line = threading.Barrier(concurrency)
 
     def take() -> int | None:
@@ -324,16 +337,26 @@ def release_buyers(
             progress(label, done, buyers)
 
     def buyer_thread(client: ServiceClient) -> None:
-        connection = client.connection()
-        # A failed connect is not fatal here: buy() reconnects and records the failure as an outcome.
-        with suppress(OSError):
-            connection.connect()
+        def ready(index: int | None) -> Buyer | None:
+            if index is None:
+                return None
+            return Buyer(client.base_url + "/orders", f"buyer-{index + 1}", timeout_s=client.timeout_s)
+
+        index = take()
+        buyer = ready(index)  # the thread's first buyer, ready before the start line
         # The timeout keeps a thread that could not start from holding the others back forever.
         with suppress(threading.BrokenBarrierError):
             start_line.wait(timeout=STARTUP_TIMEOUT_S)
-        while (index := take()) is not None:
-            report(index, buy(connection, client.prefix + "/orders", f"buyer-{index + 1}"))
-            connection = client.connection()
+        first = True
+        while index is not None and buyer is not None:
+            outcome = buyer.buy()
+            if first:
+                with take_lock:
+                    first_sends.append(outcome.invoked_at)
+                first = False
+            report(index, outcome)
+            index = take()
+            buyer = ready(index)
 
     threads = [
         threading.Thread(target=buyer_thread, args=(clients[n % len(clients)],), name=f"buyer-{n}")
@@ -346,7 +369,8 @@ def release_buyers(
     missing = [index for index, outcome in enumerate(outcomes) if outcome is None]
     if missing:
         raise RuntimeError(f"{len(missing)} buyers were never sent (a buyer thread failed)")
-    return [outcome for outcome in outcomes if outcome is not None]
+    spread_ms = (max(first_sends) - min(first_sends)) * 1000 if first_sends else 0.0
+    return Release([outcome for outcome in outcomes if outcome is not None], spread_ms)
 
 
 def _percentile(sorted_values: Sequence[float], percent: float) -> float:

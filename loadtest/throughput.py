@@ -5,7 +5,10 @@ one. This module is about speed, the way ``wrk`` measures it: a few client proce
 not held to one core by Python's GIL, issue #6), each driving several connections from its own threads, each
 connection sending its next request the moment the previous answer is read. Every connection is an
 ``http.client.HTTPConnection``, which keeps the socket open when the server allows keep-alive and reconnects
-by itself when the server closes it (gunicorn's sync workers close after every response).
+by itself when the server closes it (gunicorn's sync workers close after every response). Not ``requests``, as
+the buyers: here the client's CPU is what limits the figure, and on this project's 2-core machine a
+``requests.Session`` spent 1,811 µs of CPU per request where ``http.client`` spent 476 µs (one thread, a new
+connection each, 400 GETs of /health from a 2-worker embedded service).
 
 ``run`` takes ``ThroughputOptions`` and returns a ``ThroughputResult`` of plain data; it never raises for a
 failed request: refused connections, resets and timeouts are counted by name in ``errors``.

@@ -190,7 +190,7 @@ SETTINGS = (
         Path,
         "the inventory file; its sidecars go beside it: `.orders` (journal), `.orders.flushed` (how much of it is "
         "on disk), `.settings`, `.keys/`, `.lock` (the host's lock file, used by the `locked` mode with either "
-        "store), `.settings.lock`",
+        "store), `.filelock` (the `filelock` mode's), `.settings.lock`",
         "`db.json` (in the current folder)",
     ),
     Setting(

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import Any
 
-from service.guards import AdvisoryLock, Guard, HostFileLock, Lease, Nothing, RowLock, ThreadLock
+from service.guards import AdvisoryLock, Guard, HostFileLock, Lease, Nothing, PollingFileLock, RowLock, ThreadLock
 from service.guards.base import Ability
+from service.guards.file_lock import POLL_INTERVAL_S
 
 
 class Read(Enum):
@@ -134,6 +135,16 @@ TABLE = (
         Write.BLIND,
         Reach.ONE_HOST,
         "every worker of this host takes the same file lock, but another host would lock a file of its own",
+    ),
+    Mode(
+        "filelock",
+        PollingFileLock(),
+        Read.PLAIN,
+        Write.BLIND,
+        Reach.ONE_HOST,
+        f"locked's cure with filelock.FileLock, whose waiters poll every {POLL_INTERVAL_S * 1000:g} ms: the worker "
+        "that just let go takes it again before they wake, where flock wakes the next waiter at once; another host "
+        "would lock a file of its own",
     ),
     Mode(
         "thread-lock",

@@ -63,6 +63,7 @@ def test_the_json_figures_add_up(demo: Any) -> None:
         assert len(phase["outcomes"]) == 100
         assert {"p50", "p90", "p99", "max"} <= set(phase["latency_ms"])
         assert phase["throughput_rps"] > 0 and len(figures["worker_pids"]) >= 2
+        assert 0 <= phase["send_spread_ms"] < phase["duration_s"] * 1000  # the first sends, within the phase
         for key in (
             "tickets",
             "remaining",
@@ -99,7 +100,7 @@ def test_the_text_report_tells_the_story(tmp_path: Path) -> None:
     assert "LOCKED: 60 buyers, 5 tickets -> 5 buyers were told they got a ticket, 55 were told sold out: correct" in (
         completed.stdout
     )
-    assert "latency p99 (ms)" in completed.stdout
+    assert "latency p99 (ms)" in completed.stdout and "sends spread over (ms)" in completed.stdout
     assert re.search(r"same read \|\s*\^\d", completed.stdout)
     assert "No two sales overlapped" in completed.stdout
 
@@ -143,6 +144,7 @@ def _result_with_locked_check(**check_arguments: Any) -> RunResult:
         check=check(**check_arguments),
         duration_s=1.0,
         throughput_rps=1.0,
+        send_spread_ms=0.0,
         latency_ms=Latency(1, 1, 1, 1),
         errors={},
         outcomes=[],

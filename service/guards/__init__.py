@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from service.guards.advisory import AdvisoryLock
 from service.guards.base import NOTHING_SOLD, SERVICES, Ability, Guard, GuardedSale, Holding
+from service.guards.file_lock import PollingFileLock
 from service.guards.host_file import HostFileLock
 from service.guards.lease import Lease
 from service.guards.nothing import Nothing
@@ -21,6 +22,7 @@ __all__ = [
     "HostFileLock",
     "Lease",
     "Nothing",
+    "PollingFileLock",
     "RowLock",
     "ThreadLock",
 ]

@@ -44,6 +44,10 @@ class GuardedSale(Protocol):
     def host_lock_path(self) -> Path:
         """The host's lock file (beside db.json, whichever store keeps the data)."""
 
+    @property
+    def host_filelock_path(self) -> Path:
+        """The filelock mode's lock file, beside the host's lock file (``service/guards/file_lock.py`` says why)."""
+
     def take_advisory_lock(self) -> None:
         """Wait for the store's named mutex of the inventory, held until the sale commits (ADVISORY_LOCKS)."""
 

@@ -109,6 +109,10 @@ class Sale(GuardedSale, ABC):
     def host_lock_path(self) -> Path:
         return self.store.config.lock_path
 
+    @property
+    def host_filelock_path(self) -> Path:
+        return self.host_lock_path.with_suffix(".filelock")
+
     def take_advisory_lock(self) -> None:
         raise NotImplementedError(f"the {self.store.kind} store has no advisory locks")
 

@@ -10,11 +10,11 @@ For db.json at PATH the store keeps:
     PATH.lock          the host's lock file, and PATH.settings.lock for settings changes (``service/flock.py``)
 
 Every sale holds the host's lock file *shared* from start to end: shared holders never exclude one another, so
-the unguarded modes race as if nothing were held, but a reset (which takes the file exclusively) waits for the
-sales in flight. A guard or a write that takes the same file exclusively (the ``locked`` mode's guard, the
-optimistic check-and-write) converts that hold: ``flock`` keeps one lock per open file, and a thread uses one
-descriptor per lock file (``service/flock.py``). So no sale of an unguarded mode that began before a switch can
-write in the middle of a locked or optimistic sale.
+the unguarded modes race as if nothing were held, but a reset or a mode switch (each takes the file exclusively)
+waits for the sales in flight, and a sale checks under its hold that its mode is still in force. So no sale of an
+unguarded mode that began before a switch can write in the middle of a safe mode's sale. A guard or a write that
+takes the same file exclusively (the ``locked`` mode's guard, the optimistic check-and-write) converts that hold:
+``flock`` keeps one lock per open file, and a thread uses one descriptor per lock file (``service/flock.py``).
 """
 
 from __future__ import annotations
@@ -152,8 +152,13 @@ class FileStore(Store):
         return RuntimeSettings(mode=mode, race_window_ms=window)
 
     def change_settings(self, change: Mapping[str, Any]) -> RuntimeSettings:
-        """Rewrite the settings file. It is never written by a purchase, so no racing buyer can undo this."""
-        with flock.holding(self.settings_lock_path, self.lock_timeout_s, "the mode was not changed"):
+        """Rewrite the settings file, once every sale in flight has written (the host's lock file, exclusively).
+        It is never written by a purchase, so no racing buyer can undo this."""
+        not_changed = "the mode was not changed"
+        with (
+            flock.holding(self.settings_lock_path, self.lock_timeout_s, not_changed),
+            flock.holding(self.lock_path, self.lock_timeout_s, not_changed),
+        ):
             try:
                 current = self.read_settings()
             except StoreDamaged:
@@ -169,8 +174,12 @@ class FileStore(Store):
 
     @contextmanager
     def begin_sale(self, mode: Mode) -> Iterator[Sale]:
-        """Hold the host's lock file shared for the whole sale (see the module's docstring for why)."""
+        """Hold the host's lock file shared for the whole sale, and check that ``mode`` is still the one in force
+        (Conflict if a switch came first: the purchase starts again in the new mode)."""
         with flock.holding(self.lock_path, self.lock_timeout_s, NOTHING_SOLD, shared=True):
+            in_force = self.read_settings().mode
+            if in_force != mode.name:
+                raise Conflict(f"the mode changed to {in_force!r}")
             yield FileSale(self)
 
     def record_sale(self, before: Inventory, order: Order, request: IdempotentRequest | None = None) -> None:
