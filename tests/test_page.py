@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from loadtest.cluster import Cluster
 from loadtest.embedded import EmbeddedService
+from loadtest.postgres import ThrowawayPostgres
+from loadtest.redis_server import ThrowawayRedis
 from loadtest.timeline import bars_from_orders, overlapping_pairs, shared_reads
 from tests.conftest import ADMIN_TOKEN, ROOT, Api, run_cli, start_cli
 
@@ -57,8 +61,9 @@ CHROMIUM_ARGUMENTS = [
 ]
 
 # Chromium logs every HTTP error answer to a fetch as a console error. These are the ones the page is meant to
-# meet here: a sold-out buyer (409), and the admin token the race test leaves out, then gets wrong (401).
-EXPECTED_ANSWERS = {"409": ("/orders",), "401": ("/mode", "/reset")}
+# meet here: a sold-out buyer (409), the admin token the race test leaves out, then gets wrong (401), and a buyer
+# whose lease holder was superseded every time (503 too_many_conflicts, nothing sold).
+EXPECTED_ANSWERS = {"409": ("/orders",), "401": ("/mode", "/reset"), "503": ("/orders",)}
 BROWSER_LOGGED_ANSWER = re.compile(r"Failed to load resource: the server responded with a status of (\d{3})\b")
 
 
@@ -173,9 +178,16 @@ def _is_loopback(url: str) -> bool:
 
 @pytest.fixture
 def watched(browser: Browser, live: EmbeddedService) -> Iterator[WatchedPage]:
+    """A fresh tab on the file store's service that records what it does."""
+    with _watching(browser, live.url) as watched:
+        yield watched
+
+
+@contextmanager
+def _watching(browser: Browser, url: str) -> Iterator[WatchedPage]:
     """A fresh tab (its own storage, so no admin token carried over) that records what it does."""
     context = browser.new_context(viewport=VIEWPORT, service_workers="block")
-    watched = WatchedPage(context.new_page(), live.url)
+    watched = WatchedPage(context.new_page(), url)
     context.on("request", watched.on_request)
     watched.page.on("console", watched.on_console)
     watched.page.on("pageerror", lambda error: watched.page_errors.append(str(error)))
@@ -479,3 +491,41 @@ def test_a_buyer_named_like_html_is_shown_as_text_and_never_runs(watched: Watche
     elements = page.evaluate("[...document.querySelectorAll('img, b, script')].map(e => e.outerHTML)")
     assert elements == ['<script src="/page/app.js" defer=""></script>'], "a name became markup"
     watched.assert_clean()
+
+
+# --- Under a lease ------------------------------------------------------------------------------------------------
+
+LEASE_MS, LONGER_THAN_THE_LEASE_MS = 150, 250
+
+
+@pytest.fixture(scope="module")
+def leasing(postgres: ThrowawayPostgres, redis_server: ThrowawayRedis) -> Iterator[Cluster]:
+    """One host of four workers on the session's PostgreSQL, holding a lease of LEASE_MS in its Redis."""
+    environment = {"TICKETLOCK_LEASE_MS": str(LEASE_MS), "TICKETLOCK_LOCK_TIMEOUT": "2"}
+    with Cluster(
+        workers=4, store="postgres", database_url=postgres.url, redis_url=redis_server.url, environment=environment
+    ) as running:
+        yield running
+
+
+def test_the_page_marks_sales_past_their_lease_and_the_stale_writes_a_fencing_store_refused(
+    browser: Browser, leasing: Cluster
+) -> None:
+    url = leasing.urls[0]
+    api = Api(url)
+    api.put("/mode", {"mode": "lease", "race_window_ms": LONGER_THAN_THE_LEASE_MS})
+    api.reset(tickets=10)
+    with _watching(browser, url) as watched:
+        page = watched.open()
+        release_buyers(page, 12)
+        late = [order for order in api.all_orders() if order["timing"]["wrote_at"] > order["timing"]["lease_until"]]
+        expect(page.locator("#timeline rect.bar.outlived")).to_have_count(len(late), timeout=WAIT_MS)
+        assert late and "sold after their lease ran out" in page.locator("#legend").inner_text()
+
+        api.put("/mode", {"mode": "fenced-lease"})
+        reset(page, 10)
+        release_buyers(page, 6)
+        refused = api.get("/refusals").json()["refusals"]
+        expect(page.locator("#timeline rect.bar.refused")).to_have_count(len(refused), timeout=WAIT_MS)
+        assert refused and "stale writes the store refused" in page.locator("#legend").inner_text()
+        watched.assert_clean()

@@ -142,7 +142,24 @@ async function pollOnce() {
   if (answer.status !== 200) throw new Error(describeFailure(answer));
   if (generation !== page.generation) return;
   showTickets(answer.body);
+  if (fences(answer.body.mode)) await pollRefusals(generation);
   showTally();
+}
+
+// A mode whose store refuses stale lease holders (fenced-lease): the writes it refused since the reset, each
+// drawn once, as a grey bar from its read to its refusal.
+async function pollRefusals(generation) {
+  const answer = await callService("GET", "/refusals", { priority: "high" });
+  if (answer.status !== 200) throw new Error(describeFailure(answer));
+  if (generation !== page.generation) return;
+  const fresh = answer.body.refusals.slice(page.run.refusalsDrawn).map(refusalToBar).filter(Boolean);
+  page.run.refusalsDrawn = answer.body.refusals.length;
+  drawBars(fresh);
+}
+
+function fences(name) {
+  const mode = page.modes.find((candidate) => candidate.name === name);
+  return Boolean(mode && mode.lapse && mode.lapse.holds);
 }
 
 // Short requests one after another, never one held open: a gunicorn sync worker serves one request at a time,
@@ -356,6 +373,9 @@ function newRun() {
     ticketsInOrders: 0,
     latest: [],
     notDrawn: 0,
+    outlived: 0, // sales that wrote after their lease ran out
+    refused: 0, // stale writes the store refused
+    refusalsDrawn: 0, // of GET /refusals, since the reset
   };
 }
 
@@ -384,7 +404,7 @@ function svgElement(name, attributes, parent) {
 
 function orderToBar(order) {
   const timing = order.timing || {};
-  const bar = {
+  return usableBar({
     buyer: String(order.buyer),
     pid: Number(order.worker_pid),
     host: String(order.host ?? ""),
@@ -393,7 +413,29 @@ function orderToBar(order) {
     startedAt: Number(timing.started_at),
     readAt: Number(timing.read_at),
     wroteAt: Number(timing.wrote_at),
-  };
+    // A sale that wrote after its lease ran out, while another worker may have held the lease.
+    outlived: timing.lease_until != null && Number(timing.wrote_at) > Number(timing.lease_until),
+    refused: false,
+  });
+}
+
+function refusalToBar(refusal) {
+  return usableBar({
+    buyer: String(refusal.buyer),
+    pid: Number(refusal.worker_pid),
+    host: String(refusal.host ?? ""),
+    quantity: Number(refusal.quantity ?? 1),
+    countRead: Number(refusal.remaining) + Number(refusal.quantity ?? 1),
+    startedAt: Number(refusal.started_at),
+    readAt: Number(refusal.read_at),
+    wroteAt: Number(refusal.refused_at),
+    outlived: false,
+    refused: true, // its write was refused: a newer lease token had claimed the count
+    newest: Number(refusal.newest),
+  });
+}
+
+function usableBar(bar) {
   const usable = [bar.pid, bar.countRead, bar.startedAt, bar.readAt, bar.wroteAt].every(Number.isFinite);
   return usable ? bar : null;
 }
@@ -409,11 +451,18 @@ function drawOrders(orders) {
     const bar = orderToBar(order);
     if (bar === null) continue;
     run.latest.push(bar);
-    if (run.bars.length + fresh.length < MAX_BARS) fresh.push(bar);
-    else run.notDrawn += 1;
+    fresh.push(bar);
   }
   if (run.latest.length > 6) run.latest.splice(0, run.latest.length - 6);
   showLatest();
+  drawBars(fresh);
+}
+
+// Bars in their workers' lanes (at most MAX_BARS in a run), and what they show in the legend.
+function drawBars(bars) {
+  const run = page.run;
+  const fresh = bars.slice(0, Math.max(0, MAX_BARS - run.bars.length));
+  run.notDrawn += bars.length - fresh.length;
   if (fresh.length === 0) return;
   if (fitTimeAxis(fresh)) placeEveryBar();
   const pieces = new Map(); // lane -> DocumentFragment: one append per lane per poll
@@ -425,7 +474,7 @@ function drawOrders(orders) {
     run.bars.push(bar);
   }
   for (const [lane, piece] of pieces) lane.bars.appendChild(piece);
-  for (const bar of fresh) markSameRead(bar);
+  for (const bar of fresh) if (!bar.refused) markSameRead(bar);
   tidyMarkLabels();
   if (!run.overlapSeen) run.overlapSeen = barsOverlap(run.bars);
   showLegend();
@@ -506,15 +555,21 @@ function nameLane(lane) {
 function drawBar(bar, lane, parent) {
   const middle = lane.y + LANE / 2;
   bar.wait = svgElement("line", { class: "wait", y1: middle, y2: middle }, parent);
+  const kind = bar.refused ? "bar refused" : bar.outlived ? "bar outlived" : "bar";
   bar.rect = svgElement(
     "rect",
-    { class: "bar", y: middle - BAR / 2, height: BAR, rx: 3, "data-read": bar.countRead },
+    { class: kind, y: middle - BAR / 2, height: BAR, rx: 3, "data-read": bar.countRead },
     parent,
   );
   const tooltip = svgElement("title", {}, bar.rect);
+  const what = bar.refused
+    ? `its write was refused: token ${bar.newest} had claimed the count since`
+    : `wrote ${bar.countRead - bar.quantity}` + (bar.outlived ? ", after its lease ran out" : "");
   tooltip.textContent =
-    `${bar.buyer}: read ${bar.countRead}, wrote ${bar.countRead - bar.quantity} ` +
+    `${bar.buyer}: read ${bar.countRead}, ${what} ` +
     `(worker ${bar.pid}, ${((bar.wroteAt - bar.readAt) * 1000).toFixed(1)} ms)`;
+  if (bar.outlived) page.run.outlived += 1;
+  if (bar.refused) page.run.refused += 1;
   placeBar(bar);
 }
 
@@ -640,6 +695,8 @@ function showLegend() {
   } else {
     text = "No two sales overlapped: each one read the count the previous one wrote.";
   }
+  if (run.outlived > 0) text += ` Red outline: ${run.outlived} sold after their lease ran out.`;
+  if (run.refused > 0) text += ` Grey: ${run.refused} stale writes the store refused, for a newer token.`;
   if (run.notDrawn > 0) text += ` Only the first ${MAX_BARS} sales are drawn; the tally counts all of them.`;
   $("legend").textContent = text;
   $("legend").className = run.sharedCounts > 0 ? "unsafe" : "";
