@@ -21,7 +21,8 @@ $(TESTING): $(RUNTIME)
 demo: $(RUNTIME)
 	$(BIN)/ticketlock-loadtest
 
-## demo-hosts: three hosts of 4 workers on one throwaway PostgreSQL (needs its server: apt-get install postgresql)
+## demo-hosts: three hosts of 4 workers on one throwaway PostgreSQL and Redis, every mode, then a lease holder
+## stopped past its lease (needs their servers: apt-get install postgresql redis-server)
 demo-hosts: $(RUNTIME)
 	$(BIN)/ticketlock-loadtest --hosts 3 --store postgres
 

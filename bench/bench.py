@@ -38,6 +38,7 @@ from loadtest.cluster import Cluster
 from loadtest.embedded import EmbeddedService
 from loadtest.postgres import find_binaries
 from loadtest.runner import Latency
+from service.guards import SERVICES
 from service.modes import MODES, Mode
 from service.stores.file import FileStore
 from service.stores.postgres import INVENTORY_LOCK, LOCK_CLASS, PostgresStore
@@ -685,7 +686,9 @@ def postgres_modes(bench: Bench) -> tuple[list[list[str]], list[str], list[list[
     with Cluster(hosts=HOSTS, workers=WORKERS, store="postgres", race_window_ms=0) as cluster:
         target = service_target("postgres", cluster.urls, lambda: [p for h in cluster.hosts for p in h.worker_pids()])
         connections = HOSTS * CONNECTIONS_PER_HOST
-        rows, below, service_rates = every_mode(bench, target, PostgresStore.modes(), connections, "postgres")
+        # With a lock service (redis-server installed), the lease modes too: what its round trips cost.
+        modes = PostgresStore.modes(SERVICES if cluster.redis_url else frozenset())
+        rows, below, service_rates = every_mode(bench, target, modes, connections, "postgres")
         assert cluster.database is not None
         ServiceClient(cluster.urls[0]).reset(TICKETS)
         return rows, below, pgbench(bench, cluster.database.socket_folder, service_rates)

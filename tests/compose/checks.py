@@ -67,7 +67,7 @@ def check_demo(running: RunningDemo) -> None:
     answers and the live page, and on this machine only the load balancer's port, on loopback, which slow clients
     cannot stall."""
     modes = running.demo.modes or available_modes(running.url)
-    check_verdicts(running.report, modes, running.hosts, running.workers)
+    check_verdicts(running.report, modes, running.hosts, running.workers, running.lapsed)
     check_answers(running)
     check_live_page(running.url)
     check_only_lb_publishes(running)

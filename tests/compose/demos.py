@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from service.config import SETTINGS
 from tests.compose.engine import HERE, REPO, Engine, last_lines
 
 # The admin token docker-compose.yml and the README give the demo when TICKETLOCK_ADMIN_TOKEN is not set.
@@ -94,6 +95,7 @@ class RunningDemo:
     hosts: int  # the api's replicas
     workers: int  # gunicorn workers in each
     report: str  # what the load tester printed
+    lapsed: bool = False  # whether its race window outlives the api's lease (service/modes.py, Mode.holds_for)
 
     @property
     def url(self) -> str:
@@ -126,7 +128,8 @@ def running(project: Project, demo: Demo) -> Iterator[RunningDemo]:
         print(f"compose test: up --build: images built, every service healthy in {time.monotonic() - started:.0f} s")
         config = json.loads(project.compose(demo, "read the demo's configuration", "config", "--format", "json"))
         hosts, workers = deployment(config["services"][demo.api])
-        yield RunningDemo(demo, project, hosts, workers, wait_for_loadtest(project, demo))
+        lapsed = outlives_the_lease(config["services"][demo.api], config["services"][demo.loadtest])
+        yield RunningDemo(demo, project, hosts, workers, wait_for_loadtest(project, demo), lapsed)
     finally:
         down = ("down", "--volumes", "--remove-orphans", "--timeout", "10")
         project.compose(demo, f"take the {demo.profile} demo down", *down, timeout_s=120)
@@ -136,6 +139,18 @@ def deployment(api: dict[str, Any]) -> tuple[int, int]:
     """(replicas, gunicorn workers in each) of an api service, as compose's resolved configuration gives them."""
     replicas = int(api.get("deploy", {}).get("replicas", 1))
     return replicas, int(api["environment"]["TICKETLOCK_WORKERS"])
+
+
+def outlives_the_lease(api: dict[str, Any], loadtest: dict[str, Any]) -> bool:
+    """Whether the load tester's race window is at least the api's lease (their settings, or the defaults)."""
+    environment = api["environment"]
+    defaults = {setting.variable: setting.default for setting in SETTINGS}
+    lease_ms = int(environment.get("TICKETLOCK_LEASE_MS", defaults["TICKETLOCK_LEASE_MS"]))
+    command = loadtest["command"]
+    window = environment.get("TICKETLOCK_RACE_WINDOW_MS", defaults["TICKETLOCK_RACE_WINDOW_MS"])
+    if "--race-window-ms" in command:
+        window = command[command.index("--race-window-ms") + 1]
+    return int(window) >= lease_ms
 
 
 def wait_for_loadtest(project: Project, demo: Demo) -> str:
