@@ -14,7 +14,7 @@ from loadtest.throughput import ThroughputResult
 from loadtest.timeline import Bar, bars_from_orders, overlapping_pairs, refused_bars, render_text, shared_reads
 from service.modes import MODES
 
-CELL_WIDTH = 16  # "repeatable-read" and a space
+CELL_WIDTH = 16  # "repeatable-read" and a space; wider when a phase's label is longer
 TABLE_WIDTH = 120  # a side-by-side table wider than this is printed in blocks of modes
 
 
@@ -111,19 +111,22 @@ def table(result: RunResult) -> str:
     """Every figure, one column per phase, in blocks that fit a terminal; several trials show ``min-max``."""
     labels = result.labels()
     rows = rows_for(result)
-    per_block = max(1, (TABLE_WIDTH - max(len(name) for name, _ in rows)) // CELL_WIDTH)
+    cell_width = max(CELL_WIDTH, *(len(label) + 2 for label in labels))
+    per_block = max(1, (TABLE_WIDTH - max(len(name) for name, _ in rows)) // cell_width)
     blocks = [labels[start : start + per_block] for start in range(0, len(labels), per_block)]
-    return "\n\n".join(_table_block(result, block, rows) for block in blocks)
+    return "\n\n".join(_table_block(result, block, rows, cell_width) for block in blocks)
 
 
-def _table_block(result: RunResult, labels: list[str], rows: list[tuple[str, Callable[[PhaseResult], Any]]]) -> str:
+def _table_block(
+    result: RunResult, labels: list[str], rows: list[tuple[str, Callable[[PhaseResult], Any]]], cell_width: int
+) -> str:
     name_width = max(len(name) for name, _ in rows)
-    lines = [" " * name_width + "".join(f"{label:>{CELL_WIDTH}}" for label in labels)]
+    lines = [" " * name_width + "".join(f"{label:>{cell_width}}" for label in labels)]
     for name, figure in rows:
         cells = [_span([figure(phase) for phase in result.phases_for(label)]) for label in labels]
-        lines.append(f"{name:<{name_width}}" + "".join(f"{cell:>{CELL_WIDTH}}" for cell in cells))
+        lines.append(f"{name:<{name_width}}" + "".join(f"{cell:>{cell_width}}" for cell in cells))
     expected = ["correct" if _expected(result, label) == "correct" else "OVERSOLD" for label in labels]
-    lines.append(f"{'expected':<{name_width}}" + "".join(f"{cell:>{CELL_WIDTH}}" for cell in expected))
+    lines.append(f"{'expected':<{name_width}}" + "".join(f"{cell:>{cell_width}}" for cell in expected))
     return "\n".join(lines)
 
 

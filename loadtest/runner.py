@@ -21,6 +21,7 @@ from loadtest.client import Buyer, ServiceClient
 from loadtest.cluster import Cluster
 from loadtest.embedded import STARTUP_TIMEOUT_S
 from loadtest.pause import HolderPause, Pause
+from loadtest.timeline import bars_from_orders
 from service.config import load_server_settings
 from service.modes import FIRST_LESSON, MODES
 
@@ -101,10 +102,13 @@ class PhaseResult:
 
     @property
     def lapsed(self) -> bool:
-        """Whether a lease holder outlived its lease: its race window, or the pause, was longer than the lease."""
+        """Whether a lease holder outlived its lease: its race window, or the pause, was longer than the lease, or
+        a recorded sale wrote after its lease ran out (a worker the machine left waiting, say)."""
         if self.lease_ms is None:
             return False
-        return self.race_window_ms >= self.lease_ms or (self.pause is not None and self.pause.ms > self.lease_ms)
+        if self.race_window_ms >= self.lease_ms or (self.pause is not None and self.pause.ms > self.lease_ms):
+            return True
+        return any(bar.outlived_lease for bar in bars_from_orders(self.orders))
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import pytest
 from loadtest.checker import Outcome
 from loadtest.cluster import Cluster
 from loadtest.postgres import ThrowawayPostgres
+from loadtest.redis_server import ThrowawayRedis
 from service.guards import SERVICES
 from service.modes import MODES
 from service.stores.postgres import PostgresStore
@@ -40,9 +41,11 @@ UNSAFE_MODES = [name for name in POSTGRES_MODES if not MODES[name].holds_for(hos
 
 
 @pytest.fixture(scope="module")
-def cluster(postgres: ThrowawayPostgres) -> Iterator[Cluster]:
-    """Two hosts of four workers each on the session's PostgreSQL."""
-    with Cluster(hosts=2, workers=4, store="postgres", database_url=postgres.url) as running:
+def cluster(postgres: ThrowawayPostgres, redis_server: ThrowawayRedis) -> Iterator[Cluster]:
+    """Two hosts of four workers each on the session's PostgreSQL, with its Redis as their lock service."""
+    with Cluster(
+        hosts=2, workers=4, store="postgres", database_url=postgres.url, redis_url=redis_server.url
+    ) as running:
         yield running
 
 
@@ -101,14 +104,18 @@ def test_the_database_mutexes_are_correct_across_hosts_in_every_trial(every_mode
         assert figures["ok"] == figures["orders_recorded"] == 10 and figures["remaining"] == 0
 
 
-def test_the_one_command_demo_starts_three_hosts_on_its_own_postgres_and_stops_them(tmp_path: Path) -> None:
+def test_the_one_command_demo_starts_three_hosts_on_its_own_postgres_and_redis_and_stops_them(tmp_path: Path) -> None:
     completed = run_cli("--hosts", "3", "--store", "postgres", "--json", cwd=tmp_path)
 
     assert completed.returncode == 0, completed.stderr
     result = json.loads(completed.stdout)
     assert result["deployment"] == {"hosts": 3, "processes": 12}
-    assert all(summary["as_expected"] for summary in result["summary"].values())
-    assert len(result["service_pids"]) == 3 * 5 + 1  # three masters, twelve workers, the database server
+    # Every mode, then the lease modes with their holder stopped past the lease: the lease's lesson.
+    assert list(result["summary"]) == [*POSTGRES_MODES, "lease+pause", "fenced-lease+pause"]
+    assert all(summary["as_expected"] for summary in result["summary"].values()), result["summary"]
+    assert result["summary"]["lease"]["oversold_trials"] == 0 < result["summary"]["lease+pause"]["oversold_trials"]
+    # Three masters, twelve workers, the database server and the lock service: all gone.
+    assert len(result["service_pids"]) == 3 * 5 + 2
     assert all(not Path(f"/proc/{pid}").exists() for pid in result["service_pids"])
 
 
