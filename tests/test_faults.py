@@ -243,6 +243,24 @@ def test_a_failed_write_keeps_the_previous_files_and_tells_the_buyer_no(
     assert [order["buyer"] for order in api.all_orders()] == ["before", "after the fault"]
 
 
+def test_a_failed_write_in_memory_mode_leaves_the_worker_copy_unspent(tmp_path: Path) -> None:
+    # One worker, so that every purchase reads the same copy of the count.
+    with EmbeddedService(workers=1, race_window_ms=0, directory=tmp_path) as service:
+        api = Api(service.url)
+        api.put("/mode", {"mode": "memory"})
+        before = api.post("/orders", {"buyer": "before"})
+        journal_size = (tmp_path / "db.json.orders").stat().st_size
+
+        with file_size_limit(service.worker_pids(), journal_size + 10):
+            failed = api.post("/orders", {"buyer": "during the fault"})
+        after = api.post("/orders", {"buyer": "after the fault"})
+
+        assert (failed.status_code, failed.json()["error"]) == (500, "store_write_failed")
+        # The copy moved for the two recorded sales only: 10 -> 9 -> 8.
+        assert [before.json()["remaining"], after.json()["remaining"]] == [9, 8]
+        assert [order["buyer"] for order in api.all_orders()] == ["before", "after the fault"]
+
+
 def test_a_db_json_removed_at_run_time_stays_missing_when_a_worker_restarts(api: Api, service: EmbeddedService) -> None:
     api.post("/orders", {"buyer": "sold before"})
     service.db_path.unlink()

@@ -138,10 +138,13 @@ class Sale(GuardedSale, ABC):
         """Step 4: write the sale as ``how`` writes it and record ``order``; the order as recorded comes back.
 
         A store with transactions commits here, inside the guard, so the next buyer the guard lets in sees it.
+        The memory mode spends the worker's copy only once the store recorded the order: a write that fails
+        sells nothing, from the copy either.
         """
+        recorded = self.write_stored(how, before, order, request)
         if how is Write.MEMORY:
             _spend_worker_copy(self.store.identity, before, order["quantity"])
-        return self.write_stored(how, before, order, request)
+        return recorded
 
     @abstractmethod
     def read_stored(self, how: Read) -> Inventory:
