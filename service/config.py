@@ -9,7 +9,9 @@ gunicorn's own ``config.py``, the declaration is the documentation.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -43,6 +45,7 @@ class Config:
     lock_timeout_s: float
     max_attempts: int
     admin_token: str | None  # never printed or logged (not in repr)
+    allowed_hosts: tuple[str, ...]
     database_url: str | None  # may hold a password: see masked_database_url
     host_name: str
     database_timeout_s: float
@@ -124,6 +127,26 @@ def one_of(*choices: str) -> Callable[[str], str]:
         return value
 
     return read
+
+
+_HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9_.-]*[a-z0-9])?")
+
+
+def host_names(value: str) -> tuple[str, ...]:
+    """Host names or IP addresses, comma-separated, without ports (compared without case), or ``*`` for any."""
+    names = tuple(name.strip().lower().removeprefix("[").removesuffix("]") for name in value.split(",") if name.strip())
+    for name in names:
+        if name != "*" and not _HOST_NAME.fullmatch(name) and not _is_ip_address(name):
+            raise ValueError("must be host names or addresses separated by commas, without ports (or *)")
+    return names
+
+
+def _is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def database_url(value: str) -> str:
@@ -249,6 +272,16 @@ SETTINGS = (
         text,
         "bearer token required by `PUT /mode` and `POST /reset`",
         "unset (no auth)",
+    ),
+    Setting(
+        "TICKETLOCK_ALLOWED_HOSTS",
+        "allowed_hosts",
+        (),
+        host_names,
+        "the names, besides `localhost` and the loopback addresses, that requests may give in their `Host` header "
+        "(comma-separated, without ports; `*` for any): any other gets 400 `host_not_allowed`, so that a web page "
+        "whose name was rebound to 127.0.0.1 cannot drive the service",
+        "unset (loopback only)",
     ),
     Setting("TICKETLOCK_BIND", "bind", "127.0.0.1:8000", text, "where gunicorn listens", server=True),
     Setting("TICKETLOCK_WORKERS", "workers", 4, whole_number(1), "gunicorn worker processes", server=True),

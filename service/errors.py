@@ -3,7 +3,8 @@
 The tree::
 
     BookingError                          500 internal_error
-    ├── InvalidRequest (ValueError)       400 invalid_request and friends (bad JSON, bad field, bad paging)
+    ├── InvalidRequest (ValueError)       400 invalid_request and friends (bad JSON, bad field, bad paging,
+    │                                     a Host the service does not answer to)
     ├── Unauthorized (PermissionError)    401 unauthorized
     ├── OrderNotFound (LookupError)       404 order_not_found
     ├── SoldOut                           409 sold_out

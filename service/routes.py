@@ -40,6 +40,12 @@ def _store() -> Store:
     return store
 
 
+@bp.before_app_request
+def served_host() -> None:
+    """Every request, before any route: a ``Host`` this service answers to, else 400 host_not_allowed."""
+    validation.served_host(request.host, _config().allowed_hosts)
+
+
 @bp.get("/")
 def page() -> Response:
     """GET / -> 200 the live page (HTML; its script and stylesheet are under /page/)."""

@@ -31,6 +31,7 @@ def test_the_defaults_are_the_declared_ones() -> None:
         ("TICKETLOCK_MODE", "careful", "must be one of unlocked, locked"),
         ("TICKETLOCK_WORKERS", "0", "from 1 up"),
         ("TICKETLOCK_WORKER_CLASS", "gevent", "must be one of sync, gthread"),
+        ("TICKETLOCK_ALLOWED_HOSTS", "ticketlock.example:8000", "without ports"),
     ],
 )
 def test_a_bad_value_is_refused_naming_its_variable_and_what_it_takes(variable: str, text: str, said: str) -> None:
