@@ -32,6 +32,9 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
     app.json.ensure_ascii = False  # type: ignore[attr-defined]  # show "路人1", not "\u8def\u4eba1"
     app.extensions["ticketlock.config"] = settings
     app.extensions["ticketlock.store"] = store
+    # What GET /health checks, in order: the store, then each service the app depends on (a lock service adds its
+    # own check here); each raises the error a purchase would meet.
+    app.extensions["ticketlock.health_checks"] = [store.check]
     app.register_blueprint(bp)
     register_error_handlers(app)
     _log_through_gunicorn()

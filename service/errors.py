@@ -11,6 +11,7 @@ The tree::
     ├── IdempotencyKeyReused              422 idempotency_key_reused
     ├── LockTimeout (TimeoutError)        503 lock_timeout, with Retry-After: nothing sold
     ├── TooManyConflicts                  503 too_many_conflicts, with Retry-After: nothing sold
+    ├── Unhealthy                         503 (GET /health), with Retry-After: the code and message of what is wrong
     └── StoreError (OSError)              500: the store is damaged, unwritable or unreachable
         ├── StoreDamaged                  500 store_damaged: nothing sold, the file left as it is
         ├── StoreWriteFailed              500 store_write_failed: nothing sold, the previous files intact
@@ -102,6 +103,17 @@ class TooManyConflicts(BookingError):
     status = 503
     code = "too_many_conflicts"
     headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
+
+
+class Unhealthy(BookingError):
+    """GET /health's answer while something the service serves from is wrong: 503, with the code and the message
+    of that problem (the ones a purchase would get), so that a healthcheck and a person both learn what it is."""
+
+    status = 503
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
+
+    def __init__(self, problem: BookingError) -> None:
+        super().__init__(problem.message, code=problem.code)
 
 
 class StoreError(BookingError, OSError):

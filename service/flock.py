@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-from service.errors import LockTimeout
+from service.errors import LockTimeout, StoreWriteFailed
 
 THREAD_POLL_INTERVAL_S = 0.002
 
@@ -90,7 +90,10 @@ def _descriptor(lock_path: Path) -> int:
     key = _key(lock_path)
     fd = _descriptors.get(key)
     if fd is None:
-        fd = _descriptors[key] = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = _descriptors[key] = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as error:  # a folder that refuses new files: the store cannot be written either
+            raise StoreWriteFailed(f"could not open the lock file {lock_path}: {error.strerror}") from error
     return fd
 
 

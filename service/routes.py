@@ -13,7 +13,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from service import validation
 from service.config import Config
-from service.errors import OrderNotFound, Unauthorized
+from service.errors import BookingError, OrderNotFound, Unauthorized, Unhealthy
 from service.modes import TABLE, Mode
 from service.purchase import purchase
 from service.stores import Inventory, RuntimeSettings, Store
@@ -62,8 +62,14 @@ def security_headers(response: Response) -> Response:
 
 @bp.get("/health")
 def health() -> Response:
-    """GET /health -> 200 {"status": "ok"}; 503 store_unavailable while the database cannot be reached."""
-    _store().check()
+    """GET /health -> 200 {"status": "ok"}; 503 {"error", "message"} naming what is wrong, with the code a purchase
+    would get: the store's files or rows damaged (store_damaged), its folder unwritable (store_write_failed), its
+    database out of reach (store_unavailable). The store is checked first, then every other dependency."""
+    for check in current_app.extensions["ticketlock.health_checks"]:
+        try:
+            check()
+        except BookingError as problem:
+            raise Unhealthy(problem) from problem
     return jsonify(status="ok")
 
 

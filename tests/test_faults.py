@@ -178,8 +178,9 @@ def test_a_damaged_db_json_is_reported_and_left_untouched(
     service.db_path.write_bytes(content)
     before = store_files(service.directory)
 
-    for response in (api.get("/tickets"), api.post("/orders", {"buyer": "ana"})):
-        assert response.status_code == 500
+    health = api.get("/health")
+    for response in (api.get("/tickets"), api.post("/orders", {"buyer": "ana"}), health):
+        assert response.status_code == (503 if response is health else 500)
         error = response.json()
         assert error["error"] == "store_damaged"
         assert str(service.db_path) in error["message"] and problem in error["message"]
@@ -287,6 +288,43 @@ def test_a_retry_after_a_failed_write_may_change_its_body(api: Api, service: Emb
     assert [order["buyer"] for order in api.all_orders()] == ["before", "fixed"]
 
 
+@contextmanager
+def unwritable(folder: Path) -> Iterator[None]:
+    """Make ``folder`` refuse new files: its mode for a user; for root, whom modes do not stop, the immutable
+    attribute (``chattr +i``), which needs a filesystem that has it (ext4, xfs, btrfs)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    made = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True, check=False)
+    if made.returncode != 0:
+        reason = f"as root, only chattr +i makes a folder unwritable, and it failed here: {made.stderr.strip()}"
+        pytest.fail(f"CI=true: {reason}") if os.environ.get("CI") == "true" else pytest.skip(reason)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_health_answers_503_while_the_folder_of_db_json_is_unwritable(tmp_path: Path) -> None:
+    with EmbeddedService(workers=2, directory=tmp_path) as service:
+        api = Api(service.url)
+        with unwritable(tmp_path):
+            health = api.get("/health")
+            order = api.post("/orders", {"buyer": "ana"})
+        after = api.get("/health")
+        tickets = api.tickets()
+
+    # GET /health says what the purchase meets: the same code, and where.
+    assert (order.status_code, order.json()["error"]) == (500, "store_write_failed")
+    assert (health.status_code, health.json()["error"]) == (503, "store_write_failed")
+    assert str(tmp_path) in health.json()["message"] and health.headers["Retry-After"] == "1"
+    assert (after.status_code, tickets["remaining"]) == (200, 10)
+
+
 def test_a_journal_line_cut_just_before_its_newline_is_not_an_order(tmp_path: Path) -> None:
     # A write that stops one byte short leaves a complete JSON object without its newline: it must not stay.
     script = f"""
@@ -338,6 +376,9 @@ def test_a_damaged_settings_file_is_repaired_by_a_full_put_and_blocks_a_reset(
     reset = api.post("/reset", {"tickets": 5})
     assert (reset.status_code, reset.json()["error"]) == (500, "store_damaged")
     assert "PUT /mode" in reset.json()["message"]
+    health = api.get("/health")
+    assert (health.status_code, health.json()["error"]) == (503, "store_damaged")
+    assert "db.json.settings" in health.json()["message"]
     assert store_files(service.directory) == before
 
     repaired = api.put("/mode", {"mode": "locked", "race_window_ms": 20})

@@ -307,11 +307,12 @@ def test_a_database_restart_mid_load_answers_503_then_recovers_by_itself(
     time.sleep(0.3)
     postgres.stop()
     down = [Api(url).post("/orders", {"buyer": "while down"}, timeout=20) for url in cluster.urls]
+    health = Api(cluster.urls[0]).get("/health", timeout=20)
     postgres.restart()
 
     _finish(buyers, outcomes, cluster.urls, tickets)
     back_after_s = _wait_until_selling(cluster.urls[1])
-    for answer in down:
+    for answer in [*down, health]:
         assert (answer.status_code, answer.json()["error"]) == (503, "store_unavailable")
         assert answer.headers["Retry-After"] == "1"
         assert answer.elapsed.total_seconds() < 15  # a hang check (database timeout, queueing), not a target

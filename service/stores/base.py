@@ -192,7 +192,8 @@ class Store(ABC):
 
     @abstractmethod
     def check(self) -> None:
-        """Raise StoreUnavailable if the store cannot be reached right now (``GET /health``)."""
+        """Raise the error a purchase would meet now, if any: the store is out of reach, damaged or unwritable
+        (``GET /health``)."""
 
     # --- Settings ----------------------------------------------------------------------------------------------
 

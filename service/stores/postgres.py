@@ -216,9 +216,10 @@ class PostgresStore(Store):
             connection.execute(CREATE_SETTINGS, vars(RuntimeSettings.configured(self.config)))
 
     def check(self) -> None:
-        """A round trip to the database."""
+        """A round trip to the database that finds its settings and inventory rows."""
         with self._connection() as connection:
-            connection.execute("SELECT 1")
+            self._settings(connection.execute(READ_SETTINGS).fetchone())
+            _inventory(connection.execute(READ).fetchone())
 
     def _unreachable(
         self, error: BaseException, advice: str = "nothing was sold or changed; retry shortly"

@@ -44,7 +44,13 @@ from service.stores.base import (
     settings_with,
     stamp_written,
 )
-from service.stores.file.atomic import create_if_absent, read_json_file, remove_leftovers, replace_json
+from service.stores.file.atomic import (
+    check_writable,
+    create_if_absent,
+    read_json_file,
+    remove_leftovers,
+    replace_json,
+)
 from service.stores.file.journal import Journal
 from service.stores.file.keys import IdempotencyKeys
 
@@ -103,7 +109,11 @@ class FileStore(Store):
         self.journal.forget_flushes()  # the journal may have been replaced, or cut, while the service was stopped
 
     def check(self) -> None:
-        """Files need no connection: the store is there whenever the service is."""
+        """db.json and the settings file read and valid (else StoreDamaged), and a new file can be made in their
+        folder (else StoreWriteFailed), as every sale makes one."""
+        self.read_inventory()
+        self.read_settings()
+        check_writable(self._beside("health"))
 
     def _create_missing(self, *, may_create_inventory: bool = False) -> None:
         create_if_absent(self.settings_path, asdict(RuntimeSettings.configured(self.config)))
