@@ -24,10 +24,14 @@ from typing import Any
 import psycopg
 import pytest
 import requests
+from psycopg import sql
 
 from loadtest.checker import Check, Outcome, check
 from loadtest.cluster import Cluster
 from loadtest.postgres import ThrowawayPostgres
+from service import create_app, prepare_for_start
+from service.config import load_config
+from service.purchase import PurchaseRequest, purchase
 from service.stores.postgres import PostgresStore
 from tests.conftest import Api, buy_together, run_cli, start_load
 
@@ -58,6 +62,12 @@ def database(postgres: ThrowawayPostgres) -> Iterator[psycopg.Connection[Any]]:
     """A connection of the test's own, to look at the service's sessions and locks."""
     with psycopg.connect(postgres.url, autocommit=True) as connection:
         yield connection
+
+
+@pytest.fixture
+def own_database(postgres: ThrowawayPostgres, request: pytest.FixtureRequest) -> str:
+    """The URL of a new, empty database of the session's server, for a test that damages it."""
+    return postgres.create_database(re.sub(r"\W", "_", request.node.name)[:50].lower())
 
 
 # --- Every mode across hosts ------------------------------------------------------------------------------------
@@ -325,6 +335,56 @@ def _assert_answers_were_json_and_bounded(outcomes: list[Outcome]) -> None:
     """Every buyer got a JSON answer (never an HTML page) or a connection error, and never waited past 20 s."""
     assert not [outcome.error for outcome in outcomes if (outcome.error or "").startswith("http_")]
     assert all(outcome.error != "timeout" for outcome in outcomes)
+
+
+# --- Missing rows -----------------------------------------------------------------------------------------------
+
+
+def _delete_row(url: str, table: str) -> None:
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table)))
+
+
+def test_a_missing_inventory_row_is_never_made_full_again_while_orders_exist_and_reset_makes_it(
+    own_database: str,
+) -> None:
+    config = load_config({"database_url": own_database, "tickets": 10, "race_window_ms": 0})
+    first = PostgresStore(config)
+    first.prepare()
+    purchase(first, PurchaseRequest("ana", 2), config)
+    _delete_row(own_database, "inventory")
+
+    restarted = PostgresStore(config)  # what a restart does, and each new worker on its first connection
+    restarted.prepare()
+    client = create_app({"database_url": own_database}).test_client()
+    tickets, health = client.get("/tickets"), client.get("/health")
+    reset = client.post("/reset", json={})
+
+    assert (tickets.status_code, tickets.json["error"]) == (500, "store_damaged")
+    assert "POST /reset makes it again" in tickets.json["message"]
+    assert (health.status_code, health.json) == (503, tickets.json)
+    assert reset.status_code == 200, reset.text
+    assert (reset.json["total"], reset.json["remaining"], client.get("/orders").json["count"]) == (10, 10, 0)
+    assert client.get("/health").status_code == 200
+
+
+def test_a_missing_settings_row_is_written_again_by_reset_and_by_put_mode(own_database: str) -> None:
+    prepare_for_start({"database_url": own_database})
+    client = create_app({"database_url": own_database}).test_client()
+    client.post("/orders", json={"buyer": "ana"})
+    _delete_row(own_database, "settings")
+
+    tickets, health = client.get("/tickets"), client.get("/health")
+    reset = client.post("/reset", json={"tickets": 5})
+    _delete_row(own_database, "settings")
+    switched = client.put("/mode", json={"mode": "atomic"})
+
+    assert (tickets.status_code, tickets.json["error"]) == (500, "store_damaged")
+    assert "PUT /mode writes it again" in tickets.json["message"] and "POST /reset" in tickets.json["message"]
+    assert (health.status_code, health.json) == (503, tickets.json)
+    assert (reset.status_code, reset.json["mode"], reset.json["remaining"]) == (200, "locked", 5)
+    assert switched.json == {"mode": "atomic", "race_window_ms": 20}
+    assert client.post("/orders", json={"buyer": "bo"}).json["mode"] == "atomic"
 
 
 def test_a_database_unreachable_at_start_is_one_clear_line_with_the_password_masked(tmp_path: Path) -> None:

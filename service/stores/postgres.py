@@ -103,8 +103,10 @@ CREATE TABLE IF NOT EXISTS settings (
     mode            text    NOT NULL,
     race_window_ms  integer NOT NULL
 )"""
+# Only while no order is recorded: an inventory row recreated full under recorded orders would sell them again.
 CREATE_INVENTORY = """
-INSERT INTO inventory (id, event, total, remaining) VALUES (1, %(event)s, %(total)s, %(total)s)
+INSERT INTO inventory (id, event, total, remaining)
+SELECT 1, %(event)s, %(total)s, %(total)s WHERE NOT EXISTS (SELECT 1 FROM orders)
 ON CONFLICT (id) DO NOTHING"""
 CREATE_SETTINGS = """
 INSERT INTO settings (id, mode, race_window_ms) VALUES (1, %(mode)s, %(race_window_ms)s)
@@ -153,12 +155,17 @@ FROM idempotency_keys k JOIN orders o USING (order_id) WHERE k.key_digest = %s""
 
 READ_SETTINGS = "SELECT mode, race_window_ms FROM settings WHERE id = 1"
 TAKE_SWITCH_LOCK = f"SELECT pg_advisory_xact_lock({LOCK_CLASS}, {SWITCH_LOCK})"
-WRITE_SETTINGS = "UPDATE settings SET mode = %(mode)s, race_window_ms = %(race_window_ms)s WHERE id = 1"
+WRITE_SETTINGS = """
+INSERT INTO settings (id, mode, race_window_ms) VALUES (1, %(mode)s, %(race_window_ms)s)
+ON CONFLICT (id) DO UPDATE SET mode = excluded.mode, race_window_ms = excluded.race_window_ms"""
 CLEAR_ORDERS = "TRUNCATE idempotency_keys, orders"
+# A missing row is made again, its version a clock reading (in microseconds): larger than any count of writes, so
+# that the memory mode's copies of the count are loaded again.
 RESTORE_INVENTORY = """
-UPDATE inventory SET event = %(event)s, total = %(total)s, remaining = %(total)s, version = version + 1,
-                     generation = md5(random()::text)
-WHERE id = 1
+INSERT INTO inventory (id, event, total, remaining, version)
+VALUES (1, %(event)s, %(total)s, %(total)s, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)
+ON CONFLICT (id) DO UPDATE SET event = excluded.event, total = excluded.total, remaining = excluded.total,
+                               version = inventory.version + 1, generation = md5(random()::text)
 RETURNING event, total, remaining, version"""
 COUNT_ORDERS = "SELECT count(*) AS count FROM orders"
 PAGE_OF_ORDERS = f"SELECT {ORDER_COLUMNS} FROM orders ORDER BY seq LIMIT %s OFFSET %s"
@@ -219,7 +226,7 @@ class PostgresStore(Store):
         """A round trip to the database that finds its settings and inventory rows."""
         with self._connection() as connection:
             self._settings(connection.execute(READ_SETTINGS).fetchone())
-            _inventory(connection.execute(READ).fetchone())
+            self._inventory(connection.execute(READ).fetchone())
 
     def _unreachable(
         self, error: BaseException, advice: str = "nothing was sold or changed; retry shortly"
@@ -283,14 +290,35 @@ class PostgresStore(Store):
     def _settings(self, row: Any) -> RuntimeSettings:
         mode, window = row if row else (None, None)
         if mode not in {mode.name for mode in self.modes()} or not isinstance(window, int):
-            raise StoreDamaged(f"The settings row of {self.config.masked_database_url} is missing or unknown.")
+            raise StoreDamaged(
+                f"The settings row of {self.config.masked_database_url} is missing, or names a mode this store cannot "
+                "run: PUT /mode writes it again (the configured mode and race window fill in what it leaves out), "
+                "and so does POST /reset."
+            )
         return RuntimeSettings(mode=mode, race_window_ms=window)
 
+    def _settings_or_configured(self, connection: psycopg.Connection[Any]) -> RuntimeSettings:
+        """The settings row, or the configured settings in place of a missing or damaged one (to write again)."""
+        try:
+            return self._settings(connection.execute(READ_SETTINGS).fetchone())
+        except StoreDamaged:
+            return RuntimeSettings.configured(self.config)
+
+    def _inventory(self, row: Any) -> Inventory:
+        if row is None:
+            raise StoreDamaged(
+                f"The inventory row of {self.config.masked_database_url} is missing. It is never made again with every "
+                "ticket for sale while orders are recorded (they would be sold twice): POST /reset makes it again, "
+                "and clears every order."
+            )
+        event, total, remaining, version = row
+        return Inventory(event=event, total=total, remaining=remaining, version=version)
+
     def change_settings(self, change: Mapping[str, Any]) -> RuntimeSettings:
-        """Wait for every purchase in flight, on every host, then switch."""
+        """Wait for every purchase in flight, on every host, then switch (writing a missing settings row again)."""
         with self._connection() as connection, connection.transaction():
             connection.execute(TAKE_SWITCH_LOCK)
-            settings = settings_with(self._settings(connection.execute(READ_SETTINGS).fetchone()), change)
+            settings = settings_with(self._settings_or_configured(connection), change)
             connection.execute(WRITE_SETTINGS, vars(settings))
         return settings
 
@@ -298,17 +326,21 @@ class PostgresStore(Store):
 
     def read_inventory(self) -> Inventory:
         with self._connection() as connection:
-            return _inventory(connection.execute(READ).fetchone())
+            return self._inventory(connection.execute(READ).fetchone())
 
     def reset(self, tickets: int | None, event: str | None) -> Inventory:
-        """With no purchase in flight on any host: no orders, no keys, the count restored, a new generation."""
+        """With no purchase in flight on any host: no orders, no keys, the count restored, a new generation.
+
+        A missing inventory or settings row is made again (from the configuration, where the request says nothing).
+        """
         with self._connection() as connection, connection.transaction():
             connection.execute(TAKE_SWITCH_LOCK)
-            self._settings(connection.execute(READ_SETTINGS).fetchone())
-            current = _inventory(connection.execute(READ).fetchone())
+            connection.execute(WRITE_SETTINGS, vars(self._settings_or_configured(connection)))
+            row = connection.execute(READ).fetchone()
+            current = self._inventory(row) if row else Inventory.full(self.config.event, self.config.tickets)
             connection.execute(CLEAR_ORDERS)
             fresh = {"event": event or current.event, "total": current.total if tickets is None else tickets}
-            return _inventory(connection.execute(RESTORE_INVENTORY, fresh).fetchone())
+            return self._inventory(connection.execute(RESTORE_INVENTORY, fresh).fetchone())
 
     def orders_page(self, limit: int, offset: int) -> tuple[int, list[Order]]:
         with self._connection() as connection:
@@ -364,6 +396,8 @@ class PostgresSale(Sale):
     in one round trip: the guard is held from that statement on, before the read.
     """
 
+    store: PostgresStore
+
     def __init__(self, store: PostgresStore, connection: psycopg.Connection[Any]) -> None:
         super().__init__(store)
         self.connection = connection
@@ -396,7 +430,7 @@ class PostgresSale(Sale):
     def read_stored(self, how: Read) -> Inventory:
         statements = "; ".join([*self.guard_statements, READ])
         self.guard_statements.clear()
-        return _inventory(_last_row(self.connection, statements))
+        return self.store._inventory(_last_row(self.connection, statements))
 
     def write_stored(self, how: Write, before: Inventory, order: Order, request: IdempotentRequest | None) -> Order:
         if how is Write.BLIND:
@@ -461,13 +495,6 @@ def _last_row(connection: psycopg.Connection[Any], statements: str) -> Any:
         for _ in cursor.results():
             pass  # step to the last statement's result
         return cursor.fetchone()
-
-
-def _inventory(row: Any) -> Inventory:
-    if row is None:
-        raise StoreDamaged("The inventory row is missing: POST /reset creates it again.")
-    event, total, remaining, version = row
-    return Inventory(event=event, total=total, remaining=remaining, version=version)
 
 
 def _order(row: Any) -> Order:
