@@ -45,10 +45,12 @@ def prepare_for_start(config: Mapping[str, object] | None = None) -> Config:
     """Run once in the gunicorn master before any worker starts (its ``on_starting`` hook).
 
     The store creates what is missing (db.json and its settings, or the database's tables) and cleans up what
-    a killed writer left; the file store also applies the configured mode and race window at every start.
+    a killed writer left; the file store also applies the configured mode and race window at every start, and
+    applies to db.json's count the orders journaled after what it reflects (after a power cut).
     Raises StoreUnavailable, naming the database with its password masked, when it cannot be reached.
     """
     settings = load_config(config)
+    _log_through_gunicorn()  # what prepare did (the orders a file store applied at start) goes to gunicorn's log
     open_store(settings).prepare()
     return settings
 

@@ -32,19 +32,19 @@ def lock_holder(lock_path: Path) -> int | None:
     return next((pid for pid, kind in lock_holders(lock_path) if kind == "WRITE"), None)
 
 
-def wait_for_workers(service: EmbeddedService, count: int) -> None:
-    """Wait until gunicorn has replaced killed workers and the service answers again."""
+def wait_for_workers(service: EmbeddedService, count: int, health: int = 200) -> None:
+    """Wait until gunicorn has replaced killed workers and GET /health answers ``health`` again."""
     deadline = time.monotonic() + 20
-    while len(service.worker_pids()) < count or not _healthy(service.url):
+    while len(service.worker_pids()) < count or _health(service.url) != health:
         assert time.monotonic() < deadline, f"gunicorn did not get back to {count} workers"
         time.sleep(0.05)
 
 
-def _healthy(url: str) -> bool:
+def _health(url: str) -> int | None:
     try:
-        return Api(url).get("/health", timeout=2).status_code == 200
+        return Api(url).get("/health", timeout=2).status_code
     except requests.RequestException:
-        return False
+        return None
 
 
 def assert_locked_invariants(result: Check, tickets: int, db_path: Path, orders: list[dict[str, Any]]) -> None:
@@ -203,7 +203,13 @@ def test_a_missing_db_json_is_created_from_the_configured_defaults(tmp_path: Pat
         tickets = Api(service.url).get("/tickets").json()
 
     assert (tickets["event"], tickets["total"], tickets["remaining"]) == ("Matinee", 7, 7)
-    assert read_db(tmp_path / "db.json") == {"event": "Matinee", "total": 7, "remaining": 7, "version": 0}
+    assert read_db(tmp_path / "db.json") == {
+        "event": "Matinee",
+        "total": 7,
+        "remaining": 7,
+        "version": 0,
+        "reflects": {"journal": "", "bytes": 0, "order": None},  # no journal yet
+    }
 
 
 @contextmanager
@@ -266,7 +272,7 @@ def test_a_db_json_removed_at_run_time_stays_missing_when_a_worker_restarts(api:
     api.post("/orders", {"buyer": "sold before"})
     service.db_path.unlink()
     os.kill(service.worker_pids()[0], signal.SIGKILL)
-    wait_for_workers(service, 4)
+    wait_for_workers(service, 4, health=503)  # the store is damaged, and GET /health says so
 
     answers = [api.post("/orders", {"buyer": f"after-{n}"}) for n in range(8)]  # reaches every worker
 
