@@ -237,9 +237,10 @@ SETTINGS = (
         "lock_timeout_s",
         5.0,
         seconds(MAX_LOCK_TIMEOUT_S),
-        "seconds a purchase waits for a lock (the file's, the thread's, or the database's `lock_timeout`) before "
-        f"answering 503 with `Retry-After` (at most {MAX_LOCK_TIMEOUT_S}); also the time the optimistic and "
-        "repeatable-read modes may spend starting again",
+        "a purchase's one deadline: its waits for locks (the file's, the thread's, the database's) and its "
+        "attempts (the optimistic and repeatable-read modes start again) together end this many seconds after it "
+        f"began, else 503 `lock_timeout` or `too_many_conflicts` with `Retry-After`, nothing sold (at most "
+        f"{MAX_LOCK_TIMEOUT_S})",
         "`5`",
     ),
     Setting(

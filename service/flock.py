@@ -40,7 +40,7 @@ def holding(lock_path: Path, timeout_s: float, consequence: str, *, shared: bool
     lets go of the file entirely, also of a shared hold that this one converted.
     """
     if not acquire(lock_path, timeout_s, shared=shared):
-        message = f"{lock_path.name} stayed locked for {timeout_s:g} s; {consequence}. Retry shortly."
+        message = f"{lock_path.name} stayed locked for {timeout_s:.3g} s; {consequence}. Retry shortly."
         raise LockTimeout(message)
     try:
         yield _descriptor(lock_path)

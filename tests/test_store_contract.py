@@ -17,6 +17,7 @@ import pytest
 
 from loadtest.postgres import ThrowawayPostgres
 from service.config import load_config
+from service.deadline import Deadline
 from service.errors import IdempotencyKeyReused, SoldOut
 from service.guards import Holding
 from service.modes import MODES, TABLE, Feature, Mode, Read, Write
@@ -192,7 +193,7 @@ def test_a_version_checked_write_refuses_a_count_that_moved_since_the_read(store
     optimistic = MODES["optimistic"]
     store.change_settings({"mode": optimistic.name})
 
-    with store.begin_sale(optimistic) as sale:
+    with store.begin_sale(optimistic, _deadline(store)) as sale:
         before = sale.read(Read.PLAIN, holding := Holding())
         _in_another_thread(lambda: _write_blind(store, optimistic))
         with pytest.raises(Conflict):
@@ -207,7 +208,7 @@ def test_a_conditional_write_never_sells_what_another_sale_took_since_the_read(s
     store.reset(tickets=1, event=None)
     store.change_settings({"mode": atomic.name})
 
-    with store.begin_sale(atomic) as sale:
+    with store.begin_sale(atomic, _deadline(store)) as sale:
         before = sale.read(Read.PLAIN, holding := Holding())
         _in_another_thread(lambda: _write_blind(store, atomic))
         with pytest.raises(SoldOut):
@@ -222,7 +223,7 @@ def test_a_reset_waits_for_the_sales_in_flight(store: Store) -> None:
     in_window = threading.Event()
 
     def slow_sale() -> None:
-        with store.begin_sale(unlocked) as sale:
+        with store.begin_sale(unlocked, _deadline(store)) as sale:
             before = sale.read(Read.PLAIN, holding := Holding())
             in_window.set()
             time.sleep(WINDOW_MS / 1000)
@@ -273,9 +274,14 @@ def _in_another_thread(action: Callable[[], None]) -> None:
 def _write_blind(store: Store, mode: Mode) -> None:
     """A whole sale of one ticket that writes the count read minus one, whatever the mode's own write is (no guard
     is taken: these tests race on purpose)."""
-    with store.begin_sale(mode) as sale:
+    with store.begin_sale(mode, _deadline(store)) as sale:
         before = sale.read(Read.PLAIN, holding := Holding())
         sale.write(Write.BLIND, before, _order(before, "meddler"), None, holding)
+
+
+def _deadline(store: Store) -> Deadline:
+    """A sale's deadline, as ``purchase`` sets it."""
+    return Deadline.after(store.config.lock_timeout_s)
 
 
 def _order(before: Inventory, buyer: str) -> Order:

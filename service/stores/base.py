@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from service.config import Config, ConfigError
+from service.deadline import Deadline
 from service.guards import GuardedSale, Holding
 from service.modes import MODES, TABLE, Feature, Mode, Read, Write
 
@@ -104,8 +105,9 @@ class Sale(GuardedSale, ABC):
     keeps the modes that would ask for them away.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, deadline: Deadline) -> None:
         self.store = store
+        self.deadline = deadline  # the purchase's: every wait of the sale gets the time left to it
 
     @property
     def host_lock_path(self) -> Path:
@@ -231,11 +233,11 @@ class Store(ABC):
     # --- Purchases ---------------------------------------------------------------------------------------------
 
     @abstractmethod
-    def begin_sale(self, mode: Mode) -> AbstractContextManager[Sale]:
+    def begin_sale(self, mode: Mode, deadline: Deadline) -> AbstractContextManager[Sale]:
         """A sale in ``mode``, inside the store's own hold against resets and mode switches; done when it ends.
 
-        Raises LockTimeout when that hold stays busy past the lock timeout, Conflict when the mode changed before
-        the hold was granted, StoreUnavailable when the store cannot be reached.
+        Raises LockTimeout when that hold stays busy past the purchase's ``deadline``, Conflict when the mode
+        changed before the hold was granted, StoreUnavailable when the store cannot be reached.
         """
 
     def make_durable(self, order: Order, request: IdempotentRequest | None) -> None:  # noqa: B027 - optional hook

@@ -31,11 +31,12 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import psycopg
-from psycopg import errors
+from psycopg import errors, sql
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from service.config import MAX_RACE_WINDOW_MS, Config
+from service.deadline import Deadline
 from service.errors import (
     IdempotencyKeyReused,
     LockTimeout,
@@ -120,9 +121,9 @@ BEGIN = {
 }
 HOLD_AGAINST_SWITCHES = f"SELECT pg_advisory_xact_lock_shared({LOCK_CLASS}, {SWITCH_LOCK})"
 MODE_IN_FORCE = "SELECT mode FROM settings WHERE id = 1"
-# The three go in one round trip. Each statement of a query string takes its own snapshot (read committed), so
-# the mode is read after the hold was granted: a switch that committed while this purchase waited is seen.
-START = {isolation: f"{begin}; {HOLD_AGAINST_SWITCHES}; {MODE_IN_FORCE}" for isolation, begin in BEGIN.items()}
+# A purchase's lock waits end at its deadline: this goes first in each round trip that may wait for a lock, with
+# the milliseconds left (a literal: SET takes no bound parameters), and lasts until the transaction ends.
+LOCK_WAITS_UNTIL = "SET LOCAL lock_timeout = {}"
 TAKE_ADVISORY_LOCK = f"SELECT pg_advisory_xact_lock({LOCK_CLASS}, {INVENTORY_LOCK})"
 
 READ = "SELECT event, total, remaining, version FROM inventory WHERE id = 1"
@@ -370,7 +371,7 @@ class PostgresStore(Store):
     # --- Sales --------------------------------------------------------------------------------------------------
 
     @contextmanager
-    def begin_sale(self, mode: Mode) -> Iterator[Sale]:
+    def begin_sale(self, mode: Mode, deadline: Deadline) -> Iterator[Sale]:
         """BEGIN, the hold against switches, and a check that ``mode`` is still in force.
 
         The sale's write commits, inside the mode's guard: a guard of the host (the file lock, the thread lock)
@@ -378,9 +379,14 @@ class PostgresStore(Store):
         out, a replayed key, an error) rolls back.
         """
         with self._connection() as connection:
-            sale = PostgresSale(self, connection)
+            sale = PostgresSale(self, connection, deadline)
+            # One round trip. Each statement of a query string takes its own snapshot (read committed), so the mode
+            # is read after the hold was granted: a switch that committed while this purchase waited is seen.
+            start = _one_round_trip(
+                BEGIN[mode.isolation], _lock_waits_until(deadline), HOLD_AGAINST_SWITCHES, MODE_IN_FORCE
+            )
             try:
-                in_force = _last_row(connection, START[mode.isolation])
+                in_force = _last_row(connection, start)
                 if not in_force or in_force[0] != mode.name:
                     raise Conflict(f"the mode changed to {in_force[0] if in_force else None!r}")
                 yield sale
@@ -398,8 +404,8 @@ class PostgresSale(Sale):
 
     store: PostgresStore
 
-    def __init__(self, store: PostgresStore, connection: psycopg.Connection[Any]) -> None:
-        super().__init__(store)
+    def __init__(self, store: PostgresStore, connection: psycopg.Connection[Any], deadline: Deadline) -> None:
+        super().__init__(store, deadline)
         self.connection = connection
         self.guard_statements: list[str] = []
         self.ended = False  # committed, or refused by the database at commit
@@ -412,7 +418,7 @@ class PostgresSale(Sale):
 
     def _send_guard_statements(self) -> None:
         if self.guard_statements:
-            self.connection.execute("; ".join(self.guard_statements))
+            self.connection.execute(_one_round_trip(_lock_waits_until(self.deadline), *self.guard_statements))
             self.guard_statements.clear()
 
     def find_replay(self, request: IdempotentRequest) -> Order | None:
@@ -428,7 +434,7 @@ class PostgresSale(Sale):
         return _order(tuple(row.values()))
 
     def read_stored(self, how: Read) -> Inventory:
-        statements = "; ".join([*self.guard_statements, READ])
+        statements = _one_round_trip(_lock_waits_until(self.deadline), *self.guard_statements, READ)
         self.guard_statements.clear()
         return self.store._inventory(_last_row(self.connection, statements))
 
@@ -488,7 +494,18 @@ def _closed_by_server(connection: psycopg.Connection[Any]) -> None:
         raise psycopg.OperationalError("the server closed this idle connection")
 
 
-def _last_row(connection: psycopg.Connection[Any], statements: str) -> Any:
+def _lock_waits_until(deadline: Deadline) -> sql.Composable:
+    """The statement that ends the transaction's next lock waits at ``deadline``."""
+    milliseconds = max(1, math.ceil(deadline.left() * 1000))  # at least 1: a lock_timeout of 0 would mean no limit
+    return sql.SQL(LOCK_WAITS_UNTIL).format(sql.Literal(milliseconds))
+
+
+def _one_round_trip(*statements: str | sql.Composable) -> sql.Composed:
+    """Several statements in one query string (no bound parameters allowed there)."""
+    return sql.SQL("; ").join(sql.SQL(part) if isinstance(part, str) else part for part in statements)
+
+
+def _last_row(connection: psycopg.Connection[Any], statements: sql.Composed) -> Any:
     """Run several statements in one round trip (no parameters allowed), and return the last one's first row."""
     with connection.cursor() as cursor:
         cursor.execute(statements)

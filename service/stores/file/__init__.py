@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 from service import flock
 from service.config import MAX_RACE_WINDOW_MS, Config
+from service.deadline import Deadline
 from service.errors import OrderNotDurable, StoreDamaged, StoreWriteFailed
 from service.guards import NOTHING_SOLD
 from service.modes import MODES, Feature, Isolation, Mode, Read, Write
@@ -239,14 +240,14 @@ class FileStore(Store):
     # --- Sales ------------------------------------------------------------------------------------------------
 
     @contextmanager
-    def begin_sale(self, mode: Mode) -> Iterator[Sale]:
+    def begin_sale(self, mode: Mode, deadline: Deadline) -> Iterator[Sale]:
         """Hold the host's lock file shared for the whole sale, and check that ``mode`` is still the one in force
         (Conflict if a switch came first: the purchase starts again in the new mode)."""
-        with flock.holding(self.lock_path, self.lock_timeout_s, NOTHING_SOLD, shared=True):
+        with flock.holding(self.lock_path, deadline.left(), NOTHING_SOLD, shared=True):
             in_force = self.read_settings().mode
             if in_force != mode.name:
                 raise Conflict(f"the mode changed to {in_force!r}")
-            yield FileSale(self)
+            yield FileSale(self, deadline)
 
     def record_sale(
         self,
@@ -371,7 +372,7 @@ class FileSale(Sale):
             store.record_order(order, request)
         elif how is Write.IF_VERSION:
             # The check and the write under one short exclusive hold (it converts the sale's shared one).
-            with flock.holding(store.lock_path, store.lock_timeout_s, NOTHING_SOLD):
+            with flock.holding(store.lock_path, self.deadline.left(), NOTHING_SOLD):
                 if store.read_inventory().version != before.version:
                     raise Conflict(f"db.json changed since version {before.version} was read")
                 store.record_sale(before, order, request, self.reflected)
