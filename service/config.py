@@ -255,8 +255,9 @@ SETTINGS = (
         "database_timeout_s",
         3.0,
         seconds(MAX_LOCK_TIMEOUT_S),
-        "seconds to wait for a database connection, at start and per request, before 503 `store_unavailable` "
-        f"(at most {MAX_LOCK_TIMEOUT_S})",
+        "seconds the database may take to hand out or make a connection, and to answer each call (a call that "
+        "waits for one of its locks may also take the time the purchase may still wait): past it 503 "
+        f"`store_unavailable`, the connection cut and discarded, nothing sold (at most {MAX_LOCK_TIMEOUT_S})",
         "`3`",
     ),
     Setting(
@@ -301,7 +302,7 @@ SETTINGS = (
         30,
         whole_number(1),
         "seconds before gunicorn replaces a silent worker (must exceed the lock timeout + "
-        f"{MAX_RACE_WINDOW_MS // 1000} s)",
+        f"{MAX_RACE_WINDOW_MS // 1000} s, + the database timeout with PostgreSQL)",
         server=True,
     ),
     Setting("TICKETLOCK_LOG_LEVEL", "log_level", "info", one_of(*LOG_LEVELS), "gunicorn's log level", server=True),
@@ -331,13 +332,20 @@ def load_config(overrides: Mapping[str, object] | None = None, environ: Mapping[
 
 
 def load_server_settings(environ: Mapping[str, str] = os.environ) -> ServerSettings:
-    """gunicorn's settings, checked against the app's: a waiting buyer must get its 503 before the worker dies."""
+    """gunicorn's settings, checked against the app's: a waiting buyer must get its 503 before the worker dies.
+
+    A purchase's waits end at its deadline (the lock timeout), its work (the race window) may start just before,
+    and with a database its write may then take one more database timeout.
+    """
     server = ServerSettings(**_values([setting for setting in SETTINGS if setting.server], environ))
-    longest_wait_s = load_config(environ=environ).lock_timeout_s + MAX_RACE_WINDOW_MS / 1000
+    config = load_config(environ=environ)
+    database_timeout_s = config.database_timeout_s if config.database_url else 0
+    longest_wait_s = config.lock_timeout_s + MAX_RACE_WINDOW_MS / 1000 + database_timeout_s
     if longest_wait_s >= server.worker_timeout_s:
         raise ConfigError(
             f"TICKETLOCK_WORKER_TIMEOUT={server.worker_timeout_s} must exceed the lock timeout plus the longest "
-            f"race window ({longest_wait_s:g} s), or gunicorn would kill a worker whose buyer is still waiting"
+            f"race window{' plus the database timeout' if database_timeout_s else ''} ({longest_wait_s:g} s), or "
+            "gunicorn would kill a worker whose buyer is still waiting"
         )
     return server
 

@@ -15,7 +15,10 @@ that statement together with the read, in one round trip.
 
 Every wait is bounded: ``lock_timeout`` and ``statement_timeout`` end a purchase that waited too long for a
 lock (503 lock_timeout, nothing sold) and ``idle_in_transaction_session_timeout`` ends the transaction of a
-worker that stopped in the middle of one, releasing its locks.
+worker that stopped in the middle of one, releasing its locks. Those run on the server; a database that stops
+answering altogether is bounded on this side (``watchdog.py``): each call may take TICKETLOCK_DATABASE_TIMEOUT,
+plus the lock wait the server itself bounds, and past that its connection is cut and discarded (503
+store_unavailable, or outcome_unknown if the COMMIT had been sent).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import math
 import os
 import select
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar
 
 import psycopg
@@ -59,6 +62,7 @@ from service.stores.base import (
     settings_with,
     stamp_written,
 )
+from service.stores.watchdog import NoAnswer, answering_within
 
 log = logging.getLogger(__name__)
 
@@ -214,11 +218,11 @@ class PostgresStore(Store):
         try:
             with psycopg.connect(self.url, **self.connection_options) as connection:  # type: ignore[arg-type]
                 self._create_tables(connection)
-        except psycopg.OperationalError as error:
+        except (psycopg.OperationalError, NoAnswer) as error:
             raise self._unreachable(error, "check TICKETLOCK_DATABASE_URL, and that the database is up") from None
 
     def _create_tables(self, connection: psycopg.Connection[Any]) -> None:
-        with connection.transaction():
+        with answering_within(connection, self.timeout_s + self.config.lock_timeout_s), connection.transaction():
             connection.execute(CREATE_TABLES)
             connection.execute(CREATE_INVENTORY, {"event": self.config.event, "total": self.config.tickets})
             connection.execute(CREATE_SETTINGS, vars(RuntimeSettings.configured(self.config)))
@@ -238,16 +242,30 @@ class PostgresStore(Store):
         )
 
     @contextmanager
-    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """A connection of this worker's pool; every database error becomes one of the service's own."""
+    def _connection(self, waits_s: float | None = 0.0) -> Iterator[psycopg.Connection[Any]]:
+        """A connection of this worker's pool; every database error becomes one of the service's own.
+
+        The block's calls must answer within the database timeout, plus ``waits_s`` for the locks they may wait
+        for (the server ends those waits itself); ``None`` for a sale, whose steps are bounded one by one, since
+        between them it works or waits for a guard of the host.
+        """
         try:
             with _pool_for(self, os.getpid()).connection(timeout=self.timeout_s) as connection:
                 if not self.tables_ready:
                     self._create_tables(connection)  # a worker started without prepare(): flask run, plain gunicorn
                     self.tables_ready = True
-                yield connection
+                if waits_s is None:
+                    yield connection
+                else:
+                    with answering_within(connection, self.timeout_s + waits_s):
+                        yield connection
         except PoolTimeout as error:
             raise self._unreachable(error) from None
+        except NoAnswer as silence:
+            raise StoreUnavailable(
+                f"The database at {self.config.masked_database_url} did not answer within {silence.seconds:.3g} s, "
+                "and the connection was dropped: nothing was sold or changed; retry shortly."
+            ) from None
         except (errors.LockNotAvailable, errors.QueryCanceled):
             raise LockTimeout(
                 f"the database's lock stayed taken for {self.config.lock_timeout_s:g} s; {NOTHING_SOLD}. Retry shortly."
@@ -317,7 +335,7 @@ class PostgresStore(Store):
 
     def change_settings(self, change: Mapping[str, Any]) -> RuntimeSettings:
         """Wait for every purchase in flight, on every host, then switch (writing a missing settings row again)."""
-        with self._connection() as connection, connection.transaction():
+        with self._connection(waits_s=self.config.lock_timeout_s) as connection, connection.transaction():
             connection.execute(TAKE_SWITCH_LOCK)
             settings = settings_with(self._settings_or_configured(connection), change)
             connection.execute(WRITE_SETTINGS, vars(settings))
@@ -334,7 +352,7 @@ class PostgresStore(Store):
 
         A missing inventory or settings row is made again (from the configuration, where the request says nothing).
         """
-        with self._connection() as connection, connection.transaction():
+        with self._connection(waits_s=self.config.lock_timeout_s) as connection, connection.transaction():
             connection.execute(TAKE_SWITCH_LOCK)
             connection.execute(WRITE_SETTINGS, vars(self._settings_or_configured(connection)))
             row = connection.execute(READ).fetchone()
@@ -378,7 +396,7 @@ class PostgresStore(Store):
         lets the next buyer read only once this sale's count is visible. A sale that ends without writing (sold
         out, a replayed key, an error) rolls back.
         """
-        with self._connection() as connection:
+        with self._connection(waits_s=None) as connection:
             sale = PostgresSale(self, connection, deadline)
             # One round trip. Each statement of a query string takes its own snapshot (read committed), so the mode
             # is read after the hold was granted: a switch that committed while this purchase waited is seen.
@@ -386,13 +404,15 @@ class PostgresStore(Store):
                 BEGIN[mode.isolation], _lock_waits_until(deadline), HOLD_AGAINST_SWITCHES, MODE_IN_FORCE
             )
             try:
-                in_force = _last_row(connection, start)
+                with sale.answering():
+                    in_force = _last_row(connection, start)
                 if not in_force or in_force[0] != mode.name:
                     raise Conflict(f"the mode changed to {in_force[0] if in_force else None!r}")
                 yield sale
             finally:
                 if not sale.ended and not connection.broken:
-                    connection.execute(ROLLBACK)
+                    with answering_within(connection, self.timeout_s):
+                        connection.execute(ROLLBACK)
 
 
 class PostgresSale(Sale):
@@ -416,14 +436,19 @@ class PostgresSale(Sale):
     def lock_inventory_row(self) -> None:
         self.guard_statements.append(LOCK_ROW)
 
+    def answering(self) -> AbstractContextManager[None]:
+        """The sale's next round trips: they may wait for a lock until the purchase's deadline (the server ends
+        those waits there), and then have the database timeout to answer."""
+        return answering_within(self.connection, self.store.timeout_s + self.deadline.left())
+
     def _send_guard_statements(self) -> None:
         if self.guard_statements:
             self.connection.execute(_one_round_trip(_lock_waits_until(self.deadline), *self.guard_statements))
             self.guard_statements.clear()
 
     def find_replay(self, request: IdempotentRequest) -> Order | None:
-        self._send_guard_statements()  # the key is looked up under the guard
-        with self.connection.cursor(row_factory=dict_row) as cursor:
+        with self.answering(), self.connection.cursor(row_factory=dict_row) as cursor:
+            self._send_guard_statements()  # the key is looked up under the guard
             row = cursor.execute(FIND_REPLAY, (request.digest,)).fetchone()
         if row is None:
             return None
@@ -436,9 +461,14 @@ class PostgresSale(Sale):
     def read_stored(self, how: Read) -> Inventory:
         statements = _one_round_trip(_lock_waits_until(self.deadline), *self.guard_statements, READ)
         self.guard_statements.clear()
-        return self.store._inventory(_last_row(self.connection, statements))
+        with self.answering():
+            return self.store._inventory(_last_row(self.connection, statements))
 
     def write_stored(self, how: Write, before: Inventory, order: Order, request: IdempotentRequest | None) -> Order:
+        with self.answering():
+            return self._write(how, before, order, request)
+
+    def _write(self, how: Write, before: Inventory, order: Order, request: IdempotentRequest | None) -> Order:
         if how is Write.BLIND:
             self.connection.execute(WRITE_BLIND, {"remaining": order["remaining"]})
         elif how is Write.IF_VERSION:
