@@ -120,12 +120,13 @@ def timelines(result: RunResult) -> str:
     for mode in modes_in(result):
         phases = result.phases_for(mode)
         title = mode.upper() if len(phases) == 1 else f"{mode.upper()} (trial 1 of {len(phases)})"
-        pictures.append(render_text(title, bars_from_orders(phases[0].orders)))
+        bars = bars_from_orders(phases[0].orders)
+        pictures.append(render_text(title, bars, mode=mode, hosts=result.deployment.hosts))
     return "\n\n".join(pictures)
 
 
-def svg_sections(result: RunResult) -> list[tuple[str, Any]]:
-    """(title, bars) of each mode's first trial, for ``timeline.render_svg``."""
+def svg_sections(result: RunResult) -> list[tuple[str, Any, str]]:
+    """(title, bars, mode) of each mode's first trial, for ``timeline.render_svg``."""
     sections = []
     for mode in modes_in(result):
         phase = result.phases_for(mode)[0]
@@ -134,7 +135,7 @@ def svg_sections(result: RunResult) -> list[tuple[str, Any]]:
             f"{mode.upper()}: {check.buyers} buyers, {check.tickets} tickets -> {check.ok} told success, "
             f"oversold by {check.oversold}, {len(check.sellers)} workers"
         )
-        sections.append((title, bars_from_orders(phase.orders)))
+        sections.append((title, bars_from_orders(phase.orders), mode))
     return sections
 
 

@@ -115,11 +115,18 @@ class RunResult:
         return Deployment(hosts=max(hosts, self.options.hosts if self.embedded else 1), processes=len(sellers))
 
 
-def run(options: LoadOptions, progress: ProgressCallback | None = None) -> RunResult:
-    """Run every phase of ``options`` and return the results; starts and stops embedded hosts if needed."""
+def run(
+    options: LoadOptions, progress: ProgressCallback | None = None, starting: Callable[[], None] | None = None
+) -> RunResult:
+    """Run every phase of ``options`` and return the results; starts and stops embedded hosts if needed.
+
+    ``starting`` is called once the services answered, before the first phase resets them.
+    """
     service_pids: list[int] = []
     with target(options, service_pids) as clients:
         store, modes = modes_to_run(clients[0], options.modes)
+        if starting:
+            starting()
         phases = [
             run_phase(clients, options, mode, trial, progress)
             for mode in modes
