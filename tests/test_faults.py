@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,16 @@ import requests
 
 from loadtest.checker import Check, check
 from loadtest.embedded import EmbeddedService
-from service.config import MAX_LOCK_TIMEOUT_S, MAX_RACE_WINDOW_MS, load_server_settings
-from tests.conftest import Api, buy_together, lock_holders, read_db, start_load, store_files
+from service.config import MAX_LOCK_TIMEOUT_S, MAX_RACE_WINDOW_MS
+from tests.conftest import (
+    Api,
+    assert_a_purchase_ends_at_its_deadline,
+    buy_together,
+    lock_holders,
+    read_db,
+    start_load,
+    store_files,
+)
 
 
 def lock_holder(lock_path: Path) -> int | None:
@@ -163,29 +170,14 @@ def test_a_purchase_at_the_largest_timeouts_ends_at_its_one_deadline_before_the_
         "TICKETLOCK_LOCK_TIMEOUT": str(MAX_LOCK_TIMEOUT_S),
         "TICKETLOCK_RACE_WINDOW_MS": str(MAX_RACE_WINDOW_MS),
     }
-    worker_timeout_s = load_server_settings(environ=timeouts).worker_timeout_s
-    with EmbeddedService(workers=1, directory=tmp_path, environment=timeouts) as service:
-        worker = service.worker_pids()
+    with (
+        EmbeddedService(workers=1, directory=tmp_path, environment=timeouts) as service,
+        open(tmp_path / "db.json.lock", "a") as lock_file,
+    ):
         # Another process of the host holds the lock file: first exclusively, as a locked sale does, so that the
         # purchase waits for its sale's shared hold; then shared, so that its guard waits to take it exclusively.
-        with open(tmp_path / "db.json.lock", "a") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            with ThreadPoolExecutor(max_workers=1) as buyer:
-                sent = time.monotonic()
-                answer = buyer.submit(Api(service.url, timeout_s=60).post, "/orders", {"buyer": "patient"})
-                time.sleep(MAX_LOCK_TIMEOUT_S - 2)
-                fcntl.flock(lock_file, fcntl.LOCK_SH)
-                response = answer.result()
-                answered_s = time.monotonic() - sent
-        after = Api(service.url).tickets()
-        log = service.log_path.read_text()
-        survivors = service.worker_pids()
-
-    # Both waits together end at the one deadline: 503, nothing sold, and the worker was never killed.
-    assert (response.status_code, response.json()["error"]) == (503, "lock_timeout"), response.text
-    assert answered_s < worker_timeout_s, answered_s
-    assert survivors == worker and "WORKER TIMEOUT" not in log
-    assert (after["remaining"], after["sold"]) == (10, 0)
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        assert_a_purchase_ends_at_its_deadline(service, hand_on=lambda: fcntl.flock(lock_file, fcntl.LOCK_SH))
 
 
 # --- 4. Damaged store ---------------------------------------------------------------------------------------------

@@ -33,10 +33,18 @@ from loadtest.cluster import Cluster
 from loadtest.embedded import EmbeddedService
 from loadtest.postgres import ThrowawayPostgres
 from service import create_app, prepare_for_start
-from service.config import MAX_LOCK_TIMEOUT_S, MAX_RACE_WINDOW_MS, load_config, load_server_settings
+from service.config import MAX_LOCK_TIMEOUT_S, MAX_RACE_WINDOW_MS, load_config
 from service.purchase import PurchaseRequest, purchase
 from service.stores.postgres import INVENTORY_LOCK, LOCK_CLASS, SWITCH_LOCK, PostgresStore
-from tests.conftest import Api, buy_together, purchase_outcome, release_together, run_cli, start_load
+from tests.conftest import (
+    Api,
+    assert_a_purchase_ends_at_its_deadline,
+    buy_together,
+    purchase_outcome,
+    release_together,
+    run_cli,
+    start_load,
+)
 
 POSTGRES_MODES = [mode.name for mode in PostgresStore.modes()]
 # On two hosts of four workers each, as the cluster of these tests runs.
@@ -464,32 +472,19 @@ def test_a_purchase_at_the_largest_timeouts_ends_at_its_one_deadline_on_the_data
         "TICKETLOCK_RACE_WINDOW_MS": str(MAX_RACE_WINDOW_MS),
     }
     settings |= {"TICKETLOCK_DATABASE_URL": own_database, "TICKETLOCK_MODE": "advisory-lock"}
-    worker_timeout_s = load_server_settings(environ=settings).worker_timeout_s
     with (
         EmbeddedService(workers=1, directory=tmp_path, environment=settings) as service,
         psycopg.connect(own_database, autocommit=True) as holder,
-        ThreadPoolExecutor(max_workers=1) as buyer,
     ):
-        worker = service.worker_pids()
+
+        def as_a_sale_of_the_advisory_lock_mode() -> None:
+            holder.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, INVENTORY_LOCK))
+            holder.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, SWITCH_LOCK))
+
         # First as a mode switch would, so that the purchase waits for its hold against switches; then as another
         # sale of the advisory-lock mode, so that its guard waits too.
         holder.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, SWITCH_LOCK))
-        sent = time.monotonic()
-        answer = buyer.submit(Api(service.url, timeout_s=60).post, "/orders", {"buyer": "patient"})
-        time.sleep(MAX_LOCK_TIMEOUT_S - 2)
-        holder.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, INVENTORY_LOCK))
-        holder.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, SWITCH_LOCK))
-        response = answer.result()
-        answered_s = time.monotonic() - sent
-        holder.execute("SELECT pg_advisory_unlock_all()")
-        after = Api(service.url).tickets()
-        log = service.log_path.read_text()
-        survivors = service.worker_pids()
-
-    assert (response.status_code, response.json()["error"]) == (503, "lock_timeout"), response.text
-    assert answered_s < worker_timeout_s, answered_s
-    assert survivors == worker and "WORKER TIMEOUT" not in log
-    assert (after["remaining"], after["sold"]) == (10, 0)
+        assert_a_purchase_ends_at_its_deadline(service, hand_on=as_a_sale_of_the_advisory_lock_mode)
 
 
 # --- Missing rows -----------------------------------------------------------------------------------------------
