@@ -268,7 +268,8 @@ class PostgresStore(Store):
             ) from None
         except (errors.LockNotAvailable, errors.QueryCanceled):
             raise LockTimeout(
-                f"the database's lock stayed taken for {self.config.lock_timeout_s:g} s; {NOTHING_SOLD}. Retry shortly."
+                f"the database's lock stayed taken past the lock timeout ({self.config.lock_timeout_s:g} s); "
+                f"{NOTHING_SOLD}. Retry shortly."
             ) from None
         except (errors.SerializationFailure, errors.DeadlockDetected, errors.UniqueViolation) as error:
             raise Conflict(str(error).splitlines()[0]) from None
