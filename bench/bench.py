@@ -126,7 +126,7 @@ PURCHASE_STEPS: list[tuple[str, list[Function]]] = [
     ("settings read (mode, race window)", [(FILE_STORE, "read_settings")]),
     ("the sale's shared hold (flock)", [(FILE_STORE, "begin_sale")]),
     ("the guard taken and released (flock)", [("service/guards/base.py", "held")]),
-    ("1. read db.json", [(FILE_STORE, "read_inventory")]),
+    ("1. read db.json", [(FILE_STORE, "read_db")]),
     ("4. write db.json (a new file swapped in)", [("service/stores/file/atomic.py", "replace_json")]),
     ("4. write the order's journal line", [("service/stores/file/journal.py", "append")]),
     ("flush to disk before the 201 (fsync, group commit)", [(FILE_STORE, "make_durable")]),

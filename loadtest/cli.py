@@ -49,7 +49,7 @@ def cli(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
         return throughput_cli(arguments, options, out, err)
     progress = None if arguments.quiet or arguments.json else Progress(err)
     try:
-        result = run(options, progress)
+        result = run(options, progress, starting=lambda: say_it_resets(options, err))
     except (ServiceUnreachable, ServiceError, RuntimeError, ValueError) as error:
         print(f"ticketlock-loadtest: {error}", file=err)
         return EXIT_USAGE
@@ -58,7 +58,7 @@ def cli(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
         print(f"ticketlock-loadtest: {reason}", file=err)
     if arguments.svg:
         try:
-            arguments.svg.write_text(render_svg(svg_sections(result)))
+            arguments.svg.write_text(render_svg(svg_sections(result), hosts=result.deployment.hosts))
         except OSError as error:
             print(f"ticketlock-loadtest: cannot write {arguments.svg}: {error.strerror}", file=err)
             return EXIT_USAGE
@@ -179,6 +179,7 @@ def throughput_cli(arguments: argparse.Namespace, options: LoadOptions, out: Tex
         with target(options) as hosts:
             client = hosts.clients[0]
             _, modes = modes_to_run(client.modes(), options.modes)
+            say_it_resets(options, err)
             speed = ThroughputOptions(
                 client.base_url,
                 duration_s=arguments.throughput,
@@ -199,6 +200,17 @@ def throughput_cli(arguments: argparse.Namespace, options: LoadOptions, out: Tex
     else:
         print(throughput_table(results, window), file=out)
     return EXIT_CORRECT
+
+
+def say_it_resets(options: LoadOptions, err: TextIO) -> None:
+    """Before the first phase, against running services: what the run does to them."""
+    if options.urls:
+        print(
+            f"ticketlock-loadtest: this resets {', '.join(options.urls)} before each phase (POST /reset): every "
+            "order recorded there is cleared, and its mode is switched",
+            file=err,
+            flush=True,
+        )
 
 
 def options_from(arguments: argparse.Namespace) -> LoadOptions:

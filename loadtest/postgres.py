@@ -25,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 
 import psycopg
+from psycopg import sql
 
 from loadtest.embedded import stop_group
 
@@ -140,6 +141,14 @@ class ThrowawayPostgres:
                 time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"postgres did not accept connections within {START_TIMEOUT_S:g} s:\n{self._tail()}")
+
+    def create_database(self, name: str) -> str:
+        """A new, empty database on this server, owned by the service's user: its URL (for a test of its own)."""
+        with psycopg.connect(self._admin_url(), autocommit=True) as connection:
+            connection.execute(
+                sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name), sql.Identifier(USER))
+            )
+        return f"postgresql://{USER}@/{name}?host={self.socket_folder}"
 
     def _admin_url(self) -> str:
         return f"postgresql://{USER}@/postgres?host={self.socket_folder}"

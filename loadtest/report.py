@@ -145,12 +145,13 @@ def timelines(result: RunResult) -> str:
     for label in result.labels():
         phases = result.phases_for(label)
         title = label.upper() if len(phases) == 1 else f"{label.upper()} (trial 1 of {len(phases)})"
-        pictures.append(render_text(title, phase_bars(phases[0])))
+        bars = phase_bars(phases[0])
+        pictures.append(render_text(title, bars, mode=phases[0].mode, hosts=result.deployment.hosts))
     return "\n\n".join(pictures)
 
 
-def svg_sections(result: RunResult) -> list[tuple[str, Any]]:
-    """(title, bars) of each phase's first trial, for ``timeline.render_svg``."""
+def svg_sections(result: RunResult) -> list[tuple[str, Any, str]]:
+    """(title, bars, mode) of each phase's first trial, for ``timeline.render_svg``."""
     sections = []
     for label in result.labels():
         phase = result.phases_for(label)[0]
@@ -159,7 +160,7 @@ def svg_sections(result: RunResult) -> list[tuple[str, Any]]:
             f"{label.upper()}: {check.buyers} buyers, {check.tickets} tickets -> {check.ok} told success, "
             f"oversold by {check.oversold}, {len(check.sellers)} workers"
         )
-        sections.append((title, phase_bars(phase)))
+        sections.append((title, phase_bars(phase), phase.mode))
     return sections
 
 

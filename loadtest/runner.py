@@ -151,13 +151,20 @@ class RunResult:
         return Deployment(hosts=max(hosts, self.options.hosts if self.embedded else 1), processes=len(sellers))
 
 
-def run(options: LoadOptions, progress: ProgressCallback | None = None) -> RunResult:
-    """Run every phase of ``options`` and return the results; starts and stops embedded hosts if needed."""
+def run(
+    options: LoadOptions, progress: ProgressCallback | None = None, starting: Callable[[], None] | None = None
+) -> RunResult:
+    """Run every phase of ``options`` and return the results; starts and stops embedded hosts if needed.
+
+    ``starting`` is called once the services answered, before the first phase resets them.
+    """
     service_pids: list[int] = []
     with target(options, service_pids) as hosts:
         offered = hosts.clients[0].modes()
         store, modes = modes_to_run(offered, options.modes)
         plan = phases_to_run(modes, options, offered.get("lease_ms"), hosts.can_pause)
+        if starting:
+            starting()
         phases = [
             run_phase(hosts, options, phase, trial, offered.get("lease_ms"), progress)
             for phase in plan

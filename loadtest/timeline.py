@@ -1,9 +1,10 @@
 """The picture of the race: one lane per worker, one bar per sale, from reading the count to writing it back.
 
 Drawn from what the server recorded in each order (``timing``, ``host`` and ``worker_pid``), as plain text for
-the terminal and as a self-contained SVG file; with several hosts, each lane is one worker of one host.
+the terminal and as a self-contained SVG file; when several hosts ran, each lane is one worker of one host.
 Unlocked, bars of different workers overlap and several read the same count (each then wrote count - 1: one
-ticket, sold several times); locked, they follow one another. Under a lease, a sale that wrote after its lease
+ticket, sold several times); locked, they follow one another. In the memory mode each worker counts down its
+own copy, and the words say so: the store's count never moved. Under a lease, a sale that wrote after its lease
 ran out is marked, and so is a stale write that a fencing store refused (``refused_bars``, from GET /refusals).
 """
 
@@ -15,8 +16,18 @@ from dataclasses import dataclass
 from typing import Any
 from xml.sax.saxutils import escape
 
+from service.modes import MODES, Read
+
 TEXT_WIDTH = 64
 CHECKED_OVERLAP = "Sales overlapped, yet each decremented a different count: the store checked every write."
+# What a bar is, and what several bars that read the same count mean: for the store's count, and for the memory
+# mode's own copies (mode_words picks one).
+COUNT_WORDS = ("read N and wrote N-1", "each of them wrote N-1, so one ticket was sold several times")
+COPY_WORDS = (
+    "sold ticket N from the worker's own copy of the count",
+    "each sold ticket N from its own copy of the count, so one ticket was sold several times; the store's count "
+    "never moved",
+)
 
 
 @dataclass(frozen=True)
@@ -101,9 +112,15 @@ def shared_reads(bars: Sequence[Bar]) -> dict[int, list[Bar]]:
     return {count: group for count, group in sorted(by_count.items(), reverse=True) if len(group) > 1}
 
 
-def lanes(bars: Sequence[Bar]) -> dict[str, list[Bar]]:
-    """Bars grouped by worker, workers in the order of their first read, each named by its pid (and host)."""
-    several_hosts = len({bar.host for bar in bars}) > 1
+def mode_words(mode: str) -> tuple[str, str]:
+    """(what a bar ``[N===]`` is, what several that read N mean) in ``mode``."""
+    return COPY_WORDS if mode in MODES and MODES[mode].read is Read.MEMORY else COUNT_WORDS
+
+
+def lanes(bars: Sequence[Bar], hosts: int | None = None) -> dict[str, list[Bar]]:
+    """Bars grouped by worker, workers in the order of their first read, each named by its pid, and by its host
+    when several hosts ran (``hosts``; None: when the bars come from several)."""
+    several_hosts = (hosts or len({bar.host for bar in bars})) > 1
     grouped: dict[str, list[Bar]] = {}
     for bar in bars:
         name = f"{bar.host} pid {bar.worker_pid}" if several_hosts else f"pid {bar.worker_pid}"
@@ -111,18 +128,22 @@ def lanes(bars: Sequence[Bar]) -> dict[str, list[Bar]]:
     return grouped
 
 
-def render_text(title: str, bars: Sequence[Bar], width: int = TEXT_WIDTH) -> str:
-    """The timeline as ASCII: ``[N===]`` is a sale that read N; ``^N`` marks where several workers read N."""
+def render_text(
+    title: str, bars: Sequence[Bar], width: int = TEXT_WIDTH, *, mode: str = "", hosts: int | None = None
+) -> str:
+    """The timeline as ASCII: ``[N===]`` is a sale that read N; ``^N`` marks where several workers read N. The words
+    fit ``mode``; a host column is drawn when ``hosts`` ran (None: when the bars come from several)."""
     if not bars:
         return f"{title}: no sales to draw"
     start = min(bar.read_at for bar in bars)
     span = max(max(bar.wrote_at for bar in bars) - start, 1e-9)
+    bar_words, shared_words = mode_words(mode)
 
     def column(moment: float) -> int:
         return round((moment - start) / span * (width - 1))
 
-    lines = [f"{title}: one row per worker, one bar per sale, [N===] read N and wrote N-1 ({span * 1000:.0f} ms)"]
-    grouped = lanes(bars)
+    lines = [f"{title}: one row per worker, one bar per sale, [N===] {bar_words} ({span * 1000:.0f} ms)"]
+    grouped = lanes(bars, hosts)
     name_width = max(11, *(len(name) for name in grouped))
     for name, lane in grouped.items():
         row = ""
@@ -140,10 +161,7 @@ def render_text(title: str, bars: Sequence[Bar], width: int = TEXT_WIDTH) -> str
         for count, group in sorted(shared.items(), key=lambda item: item[1][0].read_at):
             marks = marks.ljust(max(column(group[0].read_at), len(marks) + 1 if marks else 0)) + f"^{count}"
         lines.append(f"  {'same read':>{name_width}} |{marks}")
-        lines.append(
-            f"  ^N: {len(shared)} counts were read by several workers at once; each of them wrote N-1, "
-            "so one ticket was sold several times."
-        )
+        lines.append(f"  ^N: {len(shared)} counts were read by several workers at once; {shared_words}.")
     elif overlapping_pairs(bars):
         lines.append(f"  {CHECKED_OVERLAP}")
     else:
@@ -185,12 +203,13 @@ class _TimeAxis:
         return SVG_LEFT + (moment - self.start) / self.span * SVG_PLOT
 
 
-def render_svg(sections: Sequence[tuple[str, Sequence[Bar]]]) -> str:
-    """A self-contained SVG with one timeline per (title, bars) section, stacked top to bottom."""
+def render_svg(sections: Sequence[tuple[str, Sequence[Bar], str]], hosts: int | None = None) -> str:
+    """A self-contained SVG with one timeline per (title, bars, mode) section, stacked top to bottom; a lane's
+    name has its host when ``hosts`` ran (None: when its section's bars come from several)."""
     parts: list[str] = []
     y = 10
-    for title, bars in sections:
-        drawn, y = _svg_section(title, bars, y)
+    for title, bars, mode in sections:
+        drawn, y = _svg_section(title, bars, mode, hosts, y)
         parts += drawn
     body = "\n".join(parts)
     return (
@@ -199,7 +218,7 @@ def render_svg(sections: Sequence[tuple[str, Sequence[Bar]]]) -> str:
     )
 
 
-def _svg_section(title: str, bars: Sequence[Bar], y: int) -> tuple[list[str], int]:
+def _svg_section(title: str, bars: Sequence[Bar], mode: str, hosts: int | None, y: int) -> tuple[list[str], int]:
     """One section drawn from height ``y`` down: its title, a lane per worker, a dashed line at each count that
     several sales read, the time axis and a legend; and the height where the next section starts."""
     parts = [f'<text x="10" y="{y + 16}" font-size="15" font-weight="bold">{escape(title)}</text>']
@@ -211,7 +230,7 @@ def _svg_section(title: str, bars: Sequence[Bar], y: int) -> tuple[list[str], in
     shared = shared_reads(bars)
     colour = {count: _PALETTE[index % len(_PALETTE)] for index, count in enumerate(shared)}
     top = y
-    for name, lane in lanes(bars).items():
+    for name, lane in lanes(bars, hosts).items():
         parts.append(f'<text x="10" y="{y + 17}" font-size="12">{escape(name)}</text>')
         parts.append(f'<line x1="{SVG_LEFT}" x2="{SVG_LEFT + SVG_PLOT}" y1="{y + 13}" y2="{y + 13}" stroke="#eee"/>')
         for bar in lane:
@@ -224,7 +243,8 @@ def _svg_section(title: str, bars: Sequence[Bar], y: int) -> tuple[list[str], in
         f'<text x="{SVG_LEFT + SVG_PLOT}" y="{y + 14}" font-size="11" fill="#555" text-anchor="end">'
         f"{axis.span * 1000:.0f} ms</text>"
     )
-    parts.append(f'<text x="{SVG_LEFT}" y="{y + 30}" font-size="12">{escape(_svg_legend(bars, shared))}</text>')
+    legend = _svg_legend(bars, shared, mode)
+    parts.append(f'<text x="{SVG_LEFT}" y="{y + 30}" font-size="12">{escape(legend)}</text>')
     return parts, y + 50
 
 
@@ -260,12 +280,12 @@ def _svg_shared_read(count: int, group: Sequence[Bar], moment: float, colour: st
     ]
 
 
-def _svg_legend(bars: Sequence[Bar], shared: dict[int, list[Bar]]) -> str:
+def _svg_legend(bars: Sequence[Bar], shared: dict[int, list[Bar]], mode: str) -> str:
     """What the section shows, in one sentence."""
     if shared:
         return (
             f"{len(shared)} counts were read by several workers at once (same colour, dashed line): "
-            "each wrote count - 1, so one ticket went to several buyers."
+            f"{mode_words(mode)[1].replace('N-1', 'count - 1')}."
         )
     if overlapping_pairs(bars):
         return CHECKED_OVERLAP

@@ -32,6 +32,9 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
     app.json.ensure_ascii = False  # type: ignore[attr-defined]  # show "路人1", not "\u8def\u4eba1"
     app.extensions["ticketlock.config"] = settings
     app.extensions["ticketlock.store"] = store
+    # What GET /health checks, in order: the store, then each service the app depends on (a lock service adds its
+    # own check here); each raises the error a purchase would meet.
+    app.extensions["ticketlock.health_checks"] = [store.check, store.check_services]
     app.register_blueprint(bp)
     register_error_handlers(app)
     _log_through_gunicorn()
@@ -42,10 +45,12 @@ def prepare_for_start(config: Mapping[str, object] | None = None) -> Config:
     """Run once in the gunicorn master before any worker starts (its ``on_starting`` hook).
 
     The store creates what is missing (db.json and its settings, or the database's tables) and cleans up what
-    a killed writer left; the file store also applies the configured mode and race window at every start.
+    a killed writer left; the file store also applies the configured mode and race window at every start, and
+    applies to db.json's count the orders journaled after what it reflects (after a power cut).
     Raises StoreUnavailable, naming the database with its password masked, when it cannot be reached.
     """
     settings = load_config(config)
+    _log_through_gunicorn()  # what prepare did (the orders a file store applied at start) goes to gunicorn's log
     open_store(settings).prepare()
     return settings
 

@@ -9,7 +9,9 @@ gunicorn's own ``config.py``, the declaration is the documentation.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -44,6 +46,7 @@ class Config:
     lock_timeout_s: float
     max_attempts: int
     admin_token: str | None  # never printed or logged (not in repr)
+    allowed_hosts: tuple[str, ...]
     database_url: str | None  # may hold a password: see masked_database_url
     host_name: str
     database_timeout_s: float
@@ -132,6 +135,26 @@ def one_of(*choices: str) -> Callable[[str], str]:
         return value
 
     return read
+
+
+_HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9_.-]*[a-z0-9])?")
+
+
+def host_names(value: str) -> tuple[str, ...]:
+    """Host names or IP addresses, comma-separated, without ports (compared without case), or ``*`` for any."""
+    names = tuple(name.strip().lower().removeprefix("[").removesuffix("]") for name in value.split(",") if name.strip())
+    for name in names:
+        if name != "*" and not _HOST_NAME.fullmatch(name) and not _is_ip_address(name):
+            raise ValueError("must be host names or addresses separated by commas, without ports (or *)")
+    return names
+
+
+def _is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def database_url(value: str) -> str:
@@ -229,9 +252,10 @@ SETTINGS = (
         "lock_timeout_s",
         5.0,
         seconds(MAX_LOCK_TIMEOUT_S),
-        "seconds a purchase waits for a lock (the file's, the thread's, or the database's `lock_timeout`) before "
-        f"answering 503 with `Retry-After` (at most {MAX_LOCK_TIMEOUT_S}); also the time the optimistic and "
-        "repeatable-read modes may spend starting again",
+        "a purchase's one deadline: its waits for locks (the file's, the thread's, the database's) and its "
+        "attempts (the optimistic and repeatable-read modes start again) together end this many seconds after it "
+        f"began, else 503 `lock_timeout` or `too_many_conflicts` with `Retry-After`, nothing sold (at most "
+        f"{MAX_LOCK_TIMEOUT_S})",
         "`5`",
     ),
     Setting(
@@ -246,8 +270,9 @@ SETTINGS = (
         "database_timeout_s",
         3.0,
         seconds(MAX_LOCK_TIMEOUT_S),
-        "seconds to wait for a database connection, at start and per request, before 503 `store_unavailable` "
-        f"(at most {MAX_LOCK_TIMEOUT_S})",
+        "seconds the database may take to hand out or make a connection, and to answer each call (a call that "
+        "waits for one of its locks may also take the time the purchase may still wait): past it 503 "
+        f"`store_unavailable`, the connection cut and discarded, nothing sold (at most {MAX_LOCK_TIMEOUT_S})",
         "`3`",
     ),
     Setting(
@@ -282,6 +307,16 @@ SETTINGS = (
         "bearer token required by `PUT /mode` and `POST /reset`",
         "unset (no auth)",
     ),
+    Setting(
+        "TICKETLOCK_ALLOWED_HOSTS",
+        "allowed_hosts",
+        (),
+        host_names,
+        "the names, besides `localhost` and the loopback addresses, that requests may give in their `Host` header "
+        "(comma-separated, without ports; `*` for any): any other gets 400 `host_not_allowed`, so that a web page "
+        "whose name was rebound to 127.0.0.1 cannot drive the service",
+        "unset (loopback only)",
+    ),
     Setting("TICKETLOCK_BIND", "bind", "127.0.0.1:8000", text, "where gunicorn listens", server=True),
     Setting("TICKETLOCK_WORKERS", "workers", 4, whole_number(1), "gunicorn worker processes", server=True),
     Setting(
@@ -299,7 +334,7 @@ SETTINGS = (
         30,
         whole_number(1),
         "seconds before gunicorn replaces a silent worker (must exceed the lock timeout + "
-        f"{MAX_RACE_WINDOW_MS // 1000} s)",
+        f"{MAX_RACE_WINDOW_MS // 1000} s, + the database timeout with PostgreSQL)",
         server=True,
     ),
     Setting("TICKETLOCK_LOG_LEVEL", "log_level", "info", one_of(*LOG_LEVELS), "gunicorn's log level", server=True),
@@ -329,13 +364,20 @@ def load_config(overrides: Mapping[str, object] | None = None, environ: Mapping[
 
 
 def load_server_settings(environ: Mapping[str, str] = os.environ) -> ServerSettings:
-    """gunicorn's settings, checked against the app's: a waiting buyer must get its 503 before the worker dies."""
+    """gunicorn's settings, checked against the app's: a waiting buyer must get its 503 before the worker dies.
+
+    A purchase's waits end at its deadline (the lock timeout), its work (the race window) may start just before,
+    and with a database its write may then take one more database timeout.
+    """
     server = ServerSettings(**_values([setting for setting in SETTINGS if setting.server], environ))
-    longest_wait_s = load_config(environ=environ).lock_timeout_s + MAX_RACE_WINDOW_MS / 1000
+    config = load_config(environ=environ)
+    database_timeout_s = config.database_timeout_s if config.database_url else 0
+    longest_wait_s = config.lock_timeout_s + MAX_RACE_WINDOW_MS / 1000 + database_timeout_s
     if longest_wait_s >= server.worker_timeout_s:
         raise ConfigError(
             f"TICKETLOCK_WORKER_TIMEOUT={server.worker_timeout_s} must exceed the lock timeout plus the longest "
-            f"race window ({longest_wait_s:g} s), or gunicorn would kill a worker whose buyer is still waiting"
+            f"race window{' plus the database timeout' if database_timeout_s else ''} ({longest_wait_s:g} s), or "
+            "gunicorn would kill a worker whose buyer is still waiting"
         )
     return server
 

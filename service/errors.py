@@ -3,7 +3,8 @@
 The tree::
 
     BookingError                          500 internal_error
-    ├── InvalidRequest (ValueError)       400 invalid_request and friends (bad JSON, bad field, bad paging)
+    ├── InvalidRequest (ValueError)       400 invalid_request and friends (bad JSON, bad field, bad paging,
+    │                                     a Host the service does not answer to)
     ├── Unauthorized (PermissionError)    401 unauthorized
     ├── OrderNotFound (LookupError)       404 order_not_found
     ├── SoldOut                           409 sold_out
@@ -12,6 +13,7 @@ The tree::
     ├── TooManyConflicts                  503 too_many_conflicts, with Retry-After: nothing sold
     ├── LockUnavailable (ConnectionError) 503 lock_unavailable, with Retry-After: the lock service is out of
     │                                         reach, nothing sold
+    ├── Unhealthy                         503 (GET /health), with Retry-After: the code and message of what is wrong
     └── StoreError (OSError)              500: the store is damaged, unwritable or unreachable
         ├── StoreDamaged                  500 store_damaged: nothing sold, the file left as it is
         ├── StoreWriteFailed              500 store_write_failed: nothing sold, the previous files intact
@@ -116,6 +118,17 @@ class LockUnavailable(BookingError, ConnectionError):
     status = 503
     code = "lock_unavailable"
     headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
+
+
+class Unhealthy(BookingError):
+    """GET /health's answer while something the service serves from is wrong: 503, with the code and the message
+    of that problem (the ones a purchase would get), so that a healthcheck and a person both learn what it is."""
+
+    status = 503
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
+
+    def __init__(self, problem: BookingError) -> None:
+        super().__init__(problem.message, code=problem.code)
 
 
 class StoreError(BookingError, OSError):

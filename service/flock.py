@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-from service.errors import LockTimeout
+from service.errors import LockTimeout, StoreWriteFailed
 
 THREAD_POLL_INTERVAL_S = 0.002
 
@@ -40,7 +40,7 @@ def holding(lock_path: Path, timeout_s: float, consequence: str, *, shared: bool
     lets go of the file entirely, also of a shared hold that this one converted.
     """
     if not acquire(lock_path, timeout_s, shared=shared):
-        message = f"{lock_path.name} stayed locked for {timeout_s:g} s; {consequence}. Retry shortly."
+        message = f"{lock_path.name} stayed locked for {timeout_s:.3g} s; {consequence}. Retry shortly."
         raise LockTimeout(message)
     try:
         yield _descriptor(lock_path)
@@ -90,7 +90,10 @@ def _descriptor(lock_path: Path) -> int:
     key = _key(lock_path)
     fd = _descriptors.get(key)
     if fd is None:
-        fd = _descriptors[key] = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = _descriptors[key] = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as error:  # a folder that refuses new files: the store cannot be written either
+            raise StoreWriteFailed(f"could not open the lock file {lock_path}: {error.strerror}") from error
     return fd
 
 

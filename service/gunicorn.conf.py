@@ -9,6 +9,7 @@ from gunicorn.workers.base import Worker
 from service import prepare_for_start
 from service.config import ConfigError, load_server_settings
 from service.errors import StoreError, write_protocol_error
+from service.serve import refuse_addresses_in_use
 
 # --- The app, and gunicorn's own settings (a bad one stops the start with one clear line) -------------------
 wsgi_app = "service:create_app()"
@@ -40,8 +41,9 @@ accesslog = ticketlock.access_log
 # --- Hooks ---------------------------------------------------------------------------------------------------
 def on_starting(server: Arbiter) -> None:
     try:
+        refuse_addresses_in_use(server.cfg.address)
         config = prepare_for_start()
-    except (ConfigError, StoreError) as error:  # one clear line, not a traceback: a bad setting, an absent database
+    except (ConfigError, StoreError) as error:  # one clear line, not a traceback: a bad setting, a port in use, ...
         raise SystemExit(f"ticketlock: {error}") from None
     where = config.masked_database_url or config.db_path
     server.log.info("master %s: host %s, store ready at %s", os.getpid(), config.host_name, where)

@@ -6,6 +6,12 @@ around them (its guard, ``service/guards/``), how step 1 reads and how step 4 wr
 optimistic version check, a repeatable-read serialization failure) raises Conflict, and the purchase starts
 again afresh, in a new transaction, a bounded number of times with jitter; the order records how many attempts
 it took.
+
+A purchase has one deadline, ``TICKETLOCK_LOCK_TIMEOUT`` after it began: every attempt, every wait for a guard or
+a hold, and every pause between attempts gets the time left to it, so that waits never add up past it. The work
+of an attempt that began in time (the race window, at most 5 s) and its write may end after it; gunicorn's
+worker timeout is checked to exceed all of that (``config.load_server_settings``), so no worker is killed while
+its buyer waits.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import uuid
 from dataclasses import dataclass
 
 from service.config import Config
+from service.deadline import Deadline
 from service.errors import Conflict, SoldOut, TooManyConflicts
 from service.guards import Holding
 from service.modes import MODES, Mode
@@ -57,30 +64,32 @@ class Purchase:
 def purchase(store: Store, request: PurchaseRequest, config: Config) -> Purchase:
     """Sell ``request.quantity`` tickets to ``request.buyer``, or raise SoldOut, LockTimeout, TooManyConflicts."""
     started_at = time.time()
-    deadline = time.monotonic() + config.lock_timeout_s
+    deadline = Deadline.after(config.lock_timeout_s)
     attempt = 1
     while True:
         try:
-            return _attempt(store, request, config, attempt, started_at)
+            return _attempt(store, request, config, attempt, started_at, deadline)
         except Conflict as conflict:
-            if attempt >= config.max_attempts or time.monotonic() >= deadline:
+            if attempt >= config.max_attempts or deadline.passed:
                 raise TooManyConflicts(
                     f"{attempt} attempts each found the count changed before they could write ({conflict}); "
                     "nothing was sold. Retry shortly."
                 ) from None
         # Jitter spreads out the buyers that collided, so that they do not collide again in step.
-        time.sleep(random.uniform(0, min(MAX_BACK_OFF_S, BACK_OFF_S * 2**attempt)))
+        time.sleep(min(random.uniform(0, min(MAX_BACK_OFF_S, BACK_OFF_S * 2**attempt)), deadline.left()))
         attempt += 1
 
 
-def _attempt(store: Store, request: PurchaseRequest, config: Config, attempt: int, started_at: float) -> Purchase:
+def _attempt(
+    store: Store, request: PurchaseRequest, config: Config, attempt: int, started_at: float, deadline: Deadline
+) -> Purchase:
     idempotent = request.idempotent()
     settings = store.read_settings()
     mode = MODES[settings.mode]
     replayed = False
     with (
-        store.begin_sale(mode) as sale,  # the store's own hold against resets and mode switches
-        mode.guard.held(sale, config.lock_timeout_s) as holding,  # the mode's guard, around the four steps
+        store.begin_sale(mode, deadline) as sale,  # the store's own hold against resets and mode switches
+        mode.guard.held(sale, deadline.left()) as holding,  # the mode's guard, around the four steps
     ):
         if idempotent and (earlier := sale.find_replay(idempotent)):
             order, replayed = earlier, True

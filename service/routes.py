@@ -13,7 +13,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from service import validation
 from service.config import Config
-from service.errors import OrderNotFound, Unauthorized
+from service.errors import BookingError, OrderNotFound, Unauthorized, Unhealthy
 from service.modes import TABLE, Mode
 from service.purchase import purchase
 from service.stores import Inventory, RuntimeSettings, Store
@@ -40,6 +40,12 @@ def _store() -> Store:
     return store
 
 
+@bp.before_app_request
+def served_host() -> None:
+    """Every request, before any route: a ``Host`` this service answers to, else 400 host_not_allowed."""
+    validation.served_host(request.host, _config().allowed_hosts)
+
+
 @bp.get("/")
 def page() -> Response:
     """GET / -> 200 the live page (HTML; its script and stylesheet are under /page/)."""
@@ -56,11 +62,15 @@ def security_headers(response: Response) -> Response:
 
 @bp.get("/health")
 def health() -> Response:
-    """GET /health -> 200 {"status": "ok"}; 503 store_unavailable while the database cannot be reached,
-    lock_unavailable while the lock service cannot."""
-    store = _store()
-    store.check()
-    store.check_services()
+    """GET /health -> 200 {"status": "ok"}; 503 {"error", "message"} naming what is wrong, with the code a purchase
+    would get: the store's files or rows damaged (store_damaged), its folder unwritable (store_write_failed), its
+    database out of reach (store_unavailable), the lock service out of reach (lock_unavailable). The store is
+    checked first, then every other dependency."""
+    for check in current_app.extensions["ticketlock.health_checks"]:
+        try:
+            check()
+        except BookingError as problem:
+            raise Unhealthy(problem) from problem
     return jsonify(status="ok")
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import unicodedata
+from collections.abc import Collection
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Request
 from werkzeug.datastructures import MultiDict
@@ -43,6 +46,36 @@ def json_object(request: Request, *, required: bool) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidRequest('The body must be a JSON object, such as {"buyer": "ana"}.', code="invalid_json")
     return data
+
+
+def served_host(host: str, allowed: Collection[str]) -> None:
+    """The request's ``Host`` (``name[:port]``) must name this service: ``localhost``, a loopback address, or one of
+    ``allowed`` (TICKETLOCK_ALLOWED_HOSTS). Else 400 host_not_allowed: a web page whose own name was rebound to
+    127.0.0.1 (DNS rebinding) reaches the service, but names itself (Django's ``ALLOWED_HOSTS`` does the same)."""
+    name = _host_name(host)
+    if name and (name == "localhost" or _is_loopback(name) or name in allowed or "*" in allowed):
+        return
+    shown = ", ".join(allowed) if allowed else "none"
+    raise InvalidRequest(
+        f"This service does not answer to the host {host[:100]!r}: it answers to localhost, the loopback addresses "
+        f"and the names in TICKETLOCK_ALLOWED_HOSTS ({shown}).",
+        code="host_not_allowed",
+    )
+
+
+def _host_name(host: str) -> str:
+    """The name of ``name[:port]``, lower case, without brackets or a final dot ("" if there is none)."""
+    try:
+        return (urlsplit(f"//{host}").hostname or "").removesuffix(".")
+    except ValueError:
+        return ""
+
+
+def _is_loopback(name: str) -> bool:
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def order_request(data: dict[str, Any], idempotency_key: str | None) -> PurchaseRequest:

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from loadtest.embedded import EmbeddedService
 from loadtest.postgres import PostgresNotFound, ThrowawayPostgres
 from loadtest.redis_server import RedisNotFound, ThrowawayRedis
 from service import create_app, prepare_for_start
+from service.config import load_config, load_server_settings
 
 ADMIN_TOKEN = "test-admin-token"
 ROOT = Path(__file__).resolve().parent.parent
@@ -305,3 +307,27 @@ def run_cli(*arguments: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[st
         process.terminate()  # the CLI stops its embedded service on SIGTERM
         stdout, stderr = process.communicate(timeout=60)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def assert_a_purchase_ends_at_its_deadline(service: EmbeddedService, hand_on: Callable[[], None]) -> None:
+    """One purchase while another process holds what it waits for first; ``hand_on()``, 2 s before the purchase's
+    deadline, lets it past that wait into a second. Both waits together must end at the one deadline: 503
+    lock_timeout, nothing sold, and the worker never killed by gunicorn's timeout (``TICKETLOCK_*`` as the
+    service was started with: ``service.extra_environment``)."""
+    settings = {**service.extra_environment, "TICKETLOCK_DB": str(service.db_path)}
+    lock_timeout_s = load_config(environ=settings).lock_timeout_s
+    worker_timeout_s = load_server_settings(environ=settings).worker_timeout_s
+    workers = service.worker_pids()
+    with ThreadPoolExecutor(max_workers=1) as buyer:
+        sent = time.monotonic()
+        answer = buyer.submit(Api(service.url, timeout_s=60).post, "/orders", {"buyer": "patient"})
+        time.sleep(lock_timeout_s - 2)
+        hand_on()
+        response = answer.result()
+        answered_s = time.monotonic() - sent
+
+    assert (response.status_code, response.json()["error"]) == (503, "lock_timeout"), response.text
+    assert answered_s < worker_timeout_s, answered_s
+    assert service.worker_pids() == workers and "WORKER TIMEOUT" not in service.log_path.read_text()
+    tickets = Api(service.url).tickets()
+    assert (tickets["remaining"], tickets["sold"]) == (10, 0)

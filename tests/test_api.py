@@ -11,6 +11,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from loadtest.embedded import EmbeddedService
+from service import create_app
 from service.modes import TABLE
 from service.stores.file import FileStore
 from tests.conftest import Api, store_files
@@ -254,3 +255,43 @@ def test_a_cursor_no_answer_gave_is_refused(client: FlaskClient, query: str) -> 
 
     assert response.status_code == 400
     assert response.json["error"] in ("invalid_cursor", "invalid_paging")
+
+
+# --- The Host header: loopback names and the configured ones, nothing else ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [("POST", "/reset", {"tickets": 0}), ("PUT", "/mode", {"mode": "unlocked"}), ("POST", "/orders", {"buyer": "x"}),
+     ("GET", "/tickets", None), ("GET", "/", None), ("GET", "/page/app.js", None)],
+)  # fmt: skip
+def test_a_foreign_host_is_refused_before_any_route_and_changes_nothing(
+    api: Api, service: EmbeddedService, method: str, path: str, body: object
+) -> None:
+    # What a page at evil.example sends once its name was rebound to 127.0.0.1 (DNS rebinding).
+    api.post("/orders", {"buyer": "someone"})
+    before = store_files(service.directory)
+
+    response = api.request(method, path, body, headers={"Host": "evil.example:8000"})
+
+    assert response.status_code == 400 and response.headers["Content-Type"] == "application/json"
+    assert response.json()["error"] == "host_not_allowed" and "TICKETLOCK_ALLOWED_HOSTS" in response.json()["message"]
+    assert store_files(service.directory) == before
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "127.0.0.1:8000", "127.0.0.2:80", "localhost", "LOCALHOST:8000", "[::1]", "[::1]:8000"]
+)
+def test_the_loopback_names_are_served(api: Api, host: str) -> None:
+    response = api.get("/tickets", headers={"Host": host})
+
+    assert response.status_code == 200, response.text
+
+
+def test_the_names_in_allowed_hosts_are_served_and_no_others(tmp_path: Path) -> None:
+    config = {"db_path": tmp_path / "db.json", "allowed_hosts": "ticketlock.example, lb"}
+    client = create_app(config).test_client()
+
+    assert client.get("/tickets", headers={"Host": "Ticketlock.Example:8000"}).status_code == 200
+    assert client.get("/tickets", headers={"Host": "lb"}).status_code == 200
+    assert client.get("/tickets", headers={"Host": "ticketlock.example.evil"}).json["error"] == "host_not_allowed"

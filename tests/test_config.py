@@ -31,6 +31,7 @@ def test_the_defaults_are_the_declared_ones() -> None:
         ("TICKETLOCK_MODE", "careful", "must be one of unlocked, locked"),
         ("TICKETLOCK_WORKERS", "0", "from 1 up"),
         ("TICKETLOCK_WORKER_CLASS", "gevent", "must be one of sync, gthread"),
+        ("TICKETLOCK_ALLOWED_HOSTS", "ticketlock.example:8000", "without ports"),
     ],
 )
 def test_a_bad_value_is_refused_naming_its_variable_and_what_it_takes(variable: str, text: str, said: str) -> None:
@@ -44,6 +45,14 @@ def test_a_bad_value_is_refused_naming_its_variable_and_what_it_takes(variable: 
 def test_the_worker_timeout_must_outlast_the_longest_wait() -> None:
     with pytest.raises(ConfigError, match="TICKETLOCK_WORKER_TIMEOUT=10 must exceed"):
         load_server_settings(environ={"TICKETLOCK_WORKER_TIMEOUT": "10"})
+    # With a database, the write after the deadline may take one more database timeout: 20 + 5 + 6 s.
+    database = {
+        "TICKETLOCK_DATABASE_URL": "postgresql://ticketlock@127.0.0.1/ticketlock",
+        "TICKETLOCK_LOCK_TIMEOUT": "20",
+    }
+    assert load_server_settings(environ=database).worker_timeout_s == 30
+    with pytest.raises(ConfigError, match="plus the database timeout"):
+        load_server_settings(environ={**database, "TICKETLOCK_DATABASE_TIMEOUT": "6"})
 
 
 def test_the_store_is_the_one_the_url_scheme_names(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ process it started (EmbeddedService stops its process group and checks by PID th
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -24,7 +25,16 @@ import requests
 
 from loadtest.checker import Check, check
 from loadtest.embedded import EmbeddedService
-from tests.conftest import Api, buy_together, lock_holders, read_db, start_load, store_files
+from service.config import MAX_LOCK_TIMEOUT_S, MAX_RACE_WINDOW_MS
+from tests.conftest import (
+    Api,
+    assert_a_purchase_ends_at_its_deadline,
+    buy_together,
+    lock_holders,
+    read_db,
+    start_load,
+    store_files,
+)
 
 
 def lock_holder(lock_path: Path) -> int | None:
@@ -32,19 +42,19 @@ def lock_holder(lock_path: Path) -> int | None:
     return next((pid for pid, kind in lock_holders(lock_path) if kind == "WRITE"), None)
 
 
-def wait_for_workers(service: EmbeddedService, count: int) -> None:
-    """Wait until gunicorn has replaced killed workers and the service answers again."""
+def wait_for_workers(service: EmbeddedService, count: int, health: int = 200) -> None:
+    """Wait until gunicorn has replaced killed workers and GET /health answers ``health`` again."""
     deadline = time.monotonic() + 20
-    while len(service.worker_pids()) < count or not _healthy(service.url):
+    while len(service.worker_pids()) < count or _health(service.url) != health:
         assert time.monotonic() < deadline, f"gunicorn did not get back to {count} workers"
         time.sleep(0.05)
 
 
-def _healthy(url: str) -> bool:
+def _health(url: str) -> int | None:
     try:
-        return Api(url).get("/health", timeout=2).status_code == 200
+        return Api(url).get("/health", timeout=2).status_code
     except requests.RequestException:
-        return False
+        return None
 
 
 def assert_locked_invariants(result: Check, tickets: int, db_path: Path, orders: list[dict[str, Any]]) -> None:
@@ -154,6 +164,22 @@ def test_a_busy_lock_answers_503_with_retry_after_and_never_sells_twice(tmp_path
         assert len(api.all_orders()) == sold
 
 
+def test_a_purchase_at_the_largest_timeouts_ends_at_its_one_deadline_before_the_worker_timeout(tmp_path: Path) -> None:
+    # The largest lock timeout and race window, the default worker timeout (which must exceed both together).
+    timeouts = {
+        "TICKETLOCK_LOCK_TIMEOUT": str(MAX_LOCK_TIMEOUT_S),
+        "TICKETLOCK_RACE_WINDOW_MS": str(MAX_RACE_WINDOW_MS),
+    }
+    with (
+        EmbeddedService(workers=1, directory=tmp_path, environment=timeouts) as service,
+        open(tmp_path / "db.json.lock", "a") as lock_file,
+    ):
+        # Another process of the host holds the lock file: first exclusively, as a locked sale does, so that the
+        # purchase waits for its sale's shared hold; then shared, so that its guard waits to take it exclusively.
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        assert_a_purchase_ends_at_its_deadline(service, hand_on=lambda: fcntl.flock(lock_file, fcntl.LOCK_SH))
+
+
 # --- 4. Damaged store ---------------------------------------------------------------------------------------------
 
 DAMAGED = {
@@ -178,8 +204,9 @@ def test_a_damaged_db_json_is_reported_and_left_untouched(
     service.db_path.write_bytes(content)
     before = store_files(service.directory)
 
-    for response in (api.get("/tickets"), api.post("/orders", {"buyer": "ana"})):
-        assert response.status_code == 500
+    health = api.get("/health")
+    for response in (api.get("/tickets"), api.post("/orders", {"buyer": "ana"}), health):
+        assert response.status_code == (503 if response is health else 500)
         error = response.json()
         assert error["error"] == "store_damaged"
         assert str(service.db_path) in error["message"] and problem in error["message"]
@@ -202,7 +229,13 @@ def test_a_missing_db_json_is_created_from_the_configured_defaults(tmp_path: Pat
         tickets = Api(service.url).get("/tickets").json()
 
     assert (tickets["event"], tickets["total"], tickets["remaining"]) == ("Matinee", 7, 7)
-    assert read_db(tmp_path / "db.json") == {"event": "Matinee", "total": 7, "remaining": 7, "version": 0}
+    assert read_db(tmp_path / "db.json") == {
+        "event": "Matinee",
+        "total": 7,
+        "remaining": 7,
+        "version": 0,
+        "reflects": {"journal": "", "bytes": 0, "order": None},  # no journal yet
+    }
 
 
 @contextmanager
@@ -243,11 +276,29 @@ def test_a_failed_write_keeps_the_previous_files_and_tells_the_buyer_no(
     assert [order["buyer"] for order in api.all_orders()] == ["before", "after the fault"]
 
 
+def test_a_failed_write_in_memory_mode_leaves_the_worker_copy_unspent(tmp_path: Path) -> None:
+    # One worker, so that every purchase reads the same copy of the count.
+    with EmbeddedService(workers=1, race_window_ms=0, directory=tmp_path) as service:
+        api = Api(service.url)
+        api.put("/mode", {"mode": "memory"})
+        before = api.post("/orders", {"buyer": "before"})
+        journal_size = (tmp_path / "db.json.orders").stat().st_size
+
+        with file_size_limit(service.worker_pids(), journal_size + 10):
+            failed = api.post("/orders", {"buyer": "during the fault"})
+        after = api.post("/orders", {"buyer": "after the fault"})
+
+        assert (failed.status_code, failed.json()["error"]) == (500, "store_write_failed")
+        # The copy moved for the two recorded sales only: 10 -> 9 -> 8.
+        assert [before.json()["remaining"], after.json()["remaining"]] == [9, 8]
+        assert [order["buyer"] for order in api.all_orders()] == ["before", "after the fault"]
+
+
 def test_a_db_json_removed_at_run_time_stays_missing_when_a_worker_restarts(api: Api, service: EmbeddedService) -> None:
     api.post("/orders", {"buyer": "sold before"})
     service.db_path.unlink()
     os.kill(service.worker_pids()[0], signal.SIGKILL)
-    wait_for_workers(service, 4)
+    wait_for_workers(service, 4, health=503)  # the store is damaged, and GET /health says so
 
     answers = [api.post("/orders", {"buyer": f"after-{n}"}) for n in range(8)]  # reaches every worker
 
@@ -267,6 +318,43 @@ def test_a_retry_after_a_failed_write_may_change_its_body(api: Api, service: Emb
     assert failed.json()["error"] == "store_write_failed"
     assert corrected.status_code == 201 and corrected.json()["buyer"] == "fixed"
     assert [order["buyer"] for order in api.all_orders()] == ["before", "fixed"]
+
+
+@contextmanager
+def unwritable(folder: Path) -> Iterator[None]:
+    """Make ``folder`` refuse new files: its mode for a user; for root, whom modes do not stop, the immutable
+    attribute (``chattr +i``), which needs a filesystem that has it (ext4, xfs, btrfs)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    made = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True, check=False)
+    if made.returncode != 0:
+        reason = f"as root, only chattr +i makes a folder unwritable, and it failed here: {made.stderr.strip()}"
+        pytest.fail(f"CI=true: {reason}") if os.environ.get("CI") == "true" else pytest.skip(reason)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_health_answers_503_while_the_folder_of_db_json_is_unwritable(tmp_path: Path) -> None:
+    with EmbeddedService(workers=2, directory=tmp_path) as service:
+        api = Api(service.url)
+        with unwritable(tmp_path):
+            health = api.get("/health")
+            order = api.post("/orders", {"buyer": "ana"})
+        after = api.get("/health")
+        tickets = api.tickets()
+
+    # GET /health says what the purchase meets: the same code, and where.
+    assert (order.status_code, order.json()["error"]) == (500, "store_write_failed")
+    assert (health.status_code, health.json()["error"]) == (503, "store_write_failed")
+    assert str(tmp_path) in health.json()["message"] and health.headers["Retry-After"] == "1"
+    assert (after.status_code, tickets["remaining"]) == (200, 10)
 
 
 def test_a_journal_line_cut_just_before_its_newline_is_not_an_order(tmp_path: Path) -> None:
@@ -320,6 +408,9 @@ def test_a_damaged_settings_file_is_repaired_by_a_full_put_and_blocks_a_reset(
     reset = api.post("/reset", {"tickets": 5})
     assert (reset.status_code, reset.json()["error"]) == (500, "store_damaged")
     assert "PUT /mode" in reset.json()["message"]
+    health = api.get("/health")
+    assert (health.status_code, health.json()["error"]) == (503, "store_damaged")
+    assert "db.json.settings" in health.json()["message"]
     assert store_files(service.directory) == before
 
     repaired = api.put("/mode", {"mode": "locked", "race_window_ms": 20})

@@ -134,6 +134,9 @@ def test_against_a_running_service_with_url(api: Api, service: EmbeddedService) 
     completed = run_cli("--url", service.url, "--buyers", "30", "--tickets", "5", "--require-oversell", "-q")
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert completed.stdout.count("\n") == 2
+    # Said before it starts: the service's orders are about to go.
+    first_line = completed.stderr.splitlines()[0]
+    assert service.url in first_line and "every order recorded there is cleared" in first_line
 
 
 def _result_with_locked_check(**check_arguments: Any) -> RunResult:
@@ -163,22 +166,41 @@ def test_a_locked_anomaly_exits_1() -> None:
     assert exit_status(clean) == 0
 
 
-def test_the_text_timeline_marks_shared_reads() -> None:
-    orders = [
+def _three_sales_of_ticket_10(host: str = "") -> list[dict[str, Any]]:
+    """Three workers that each read 10 at once."""
+    return [
         {
             "order_id": str(n),
             "buyer": f"b{n}",
             "quantity": 1,
             "remaining": 9,
             "worker_pid": 100 + n,
+            "host": host,
             "timing": {"started_at": 0.0, "read_at": 0.001 * n, "wrote_at": 0.05 + 0.001 * n},
         }
         for n in range(3)
     ]
 
-    picture = render_text("UNLOCKED", bars_from_orders(orders))
+
+def test_the_text_timeline_marks_shared_reads() -> None:
+    picture = render_text("UNLOCKED", bars_from_orders(_three_sales_of_ticket_10()), mode="unlocked")
 
     assert picture.count("[10") == 3 and "^10" in picture
+    assert "[N===] read N and wrote N-1" in picture and "each of them wrote N-1" in picture
+
+
+def test_the_memory_timeline_says_that_the_count_never_moved() -> None:
+    picture = render_text("MEMORY", bars_from_orders(_three_sales_of_ticket_10()), mode="memory")
+
+    assert "^10" in picture and "own copy" in picture and "the store's count never moved" in picture
+    assert "wrote N-1" not in picture
+
+
+def test_the_host_column_stays_when_several_hosts_ran_even_if_one_made_every_sale() -> None:
+    bars = bars_from_orders(_three_sales_of_ticket_10(host="host-1"))
+
+    assert "host-1 pid 100 |" in render_text("ROW-LOCK", bars, mode="row-lock", hosts=2)
+    assert "host-1" not in render_text("ROW-LOCK", bars, mode="row-lock", hosts=1)
 
 
 def test_sigterm_stops_the_run_and_its_embedded_service(tmp_path: Path) -> None:

@@ -11,27 +11,45 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+import requests
+from psycopg import sql
 
 from loadtest.checker import Outcome
 from loadtest.cluster import Cluster
+from loadtest.embedded import EmbeddedService
 from loadtest.postgres import ThrowawayPostgres
 from loadtest.redis_server import ThrowawayRedis
+from service import create_app, prepare_for_start
+from service.config import MAX_LOCK_TIMEOUT_S, MAX_RACE_WINDOW_MS, load_config
 from service.guards import SERVICES
 from service.modes import MODES
-from service.stores.postgres import PostgresStore
-from tests.conftest import Api, buy_together, finish_load, run_cli, start_load, wait_until_selling
+from service.purchase import PurchaseRequest, purchase
+from service.stores.postgres import INVENTORY_LOCK, LOCK_CLASS, SWITCH_LOCK, PostgresStore
+from tests.conftest import (
+    Api,
+    assert_a_purchase_ends_at_its_deadline,
+    buy_together,
+    finish_load,
+    purchase_outcome,
+    release_together,
+    run_cli,
+    start_load,
+    wait_until_selling,
+)
 
 # The cluster below has a lock service: every mode of the postgres store runs.
 POSTGRES_MODES = [mode.name for mode in PostgresStore.modes(SERVICES)]
@@ -63,6 +81,12 @@ def database(postgres: ThrowawayPostgres) -> Iterator[psycopg.Connection[Any]]:
     """A connection of the test's own, to look at the service's sessions and locks."""
     with psycopg.connect(postgres.url, autocommit=True) as connection:
         yield connection
+
+
+@pytest.fixture
+def own_database(postgres: ThrowawayPostgres, request: pytest.FixtureRequest) -> str:
+    """The URL of a new, empty database of the session's server, for a test that damages it."""
+    return postgres.create_database(re.sub(r"\W", "_", request.node.name)[:50].lower())
 
 
 # --- Every mode across hosts ------------------------------------------------------------------------------------
@@ -275,11 +299,12 @@ def test_a_database_restart_mid_load_answers_503_then_recovers_by_itself(
     time.sleep(0.3)
     postgres.stop()
     down = [Api(url).post("/orders", {"buyer": "while down"}, timeout=20) for url in cluster.urls]
+    health = Api(cluster.urls[0]).get("/health", timeout=20)
     postgres.restart()
 
     finish_load(buyers, outcomes, cluster.urls, tickets)
     back_after_s = wait_until_selling(cluster.urls[1])
-    for answer in down:
+    for answer in [*down, health]:
         assert (answer.status_code, answer.json()["error"]) == (503, "store_unavailable")
         assert answer.headers["Retry-After"] == "1"
         assert answer.elapsed.total_seconds() < 15  # a hang check (database timeout, queueing), not a target
@@ -292,6 +317,195 @@ def _assert_answers_were_json_and_bounded(outcomes: list[Outcome]) -> None:
     """Every buyer got a JSON answer (never an HTML page) or a connection error, and never waited past 20 s."""
     assert not [outcome.error for outcome in outcomes if (outcome.error or "").startswith("http_")]
     assert all(outcome.error != "timeout" for outcome in outcomes)
+
+
+class StallingProxy:
+    """A TCP proxy on a loopback port to PostgreSQL's Unix socket. ``stall()`` keeps whatever arrives, either way,
+    until ``resume()``: bytes are accepted and nothing is delivered, as in a network partition or with a server
+    frozen mid-query (TCP keepalives would be answered all the same)."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url_host = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def __enter__(self) -> StallingProxy:
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        self.flowing.set()
+        for open_socket in [self.listener, *self.sockets]:
+            open_socket.close()
+
+    def stall(self) -> None:
+        self.flowing.clear()
+
+    def resume(self) -> None:
+        self.flowing.set()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.socket(socket.AF_UNIX)
+            server.connect(str(self.socket_path))
+            self.sockets += [client, server]
+            for source, target in ((client, server), (server, client)):
+                threading.Thread(target=self._pass_on, args=(source, target), daemon=True).start()
+
+    def _pass_on(self, source: socket.socket, target: socket.socket) -> None:
+        with suppress(OSError):
+            while chunk := source.recv(65536):
+                self.flowing.wait()
+                target.sendall(chunk)
+            target.shutdown(socket.SHUT_WR)
+
+
+def _timed(send: Callable[[], requests.Response]) -> tuple[requests.Response, float]:
+    started = time.monotonic()
+    response = send()
+    return response, time.monotonic() - started
+
+
+def test_a_database_that_stops_answering_gets_503_within_its_timeout_and_no_worker_is_killed(
+    postgres: ThrowawayPostgres, tmp_path: Path
+) -> None:
+    database_timeout_s, lock_timeout_s, worker_timeout_s = 2, 1, 10  # the worker timeout must exceed 1 + 5 + 2 s
+    name = "silent_database"
+    postgres.create_database(name)
+    with StallingProxy(postgres.socket_folder / ".s.PGSQL.5432") as proxy:
+        settings = {
+            "TICKETLOCK_DATABASE_URL": f"postgresql://ticketlock@{proxy.url_host}/{name}",
+            "TICKETLOCK_DATABASE_TIMEOUT": str(database_timeout_s),
+            "TICKETLOCK_LOCK_TIMEOUT": str(lock_timeout_s),
+            "TICKETLOCK_WORKER_TIMEOUT": str(worker_timeout_s),
+            "TICKETLOCK_MODE": "row-lock",
+            "TICKETLOCK_RACE_WINDOW_MS": "300",
+        }
+        with (
+            EmbeddedService(workers=4, directory=tmp_path, environment=settings) as service,
+            ThreadPoolExecutor() as pool,
+        ):
+            api = Api(service.url, timeout_s=20)
+            api.reset(tickets=20)
+            while len(workers := service.worker_pids()) < 4:  # every worker booted
+                time.sleep(0.05)
+            # Mid-load: 8 buyers at once for 4 workers; one holds the row lock in its race window, three wait for it.
+            load = pool.submit(release_together, 8, lambda index: purchase_outcome(api, index))
+            time.sleep(0.15)
+            proxy.stall()
+            stalled_at = time.monotonic()
+            in_flight = load.result()
+            # Sent while the database stays silent, once the workers are free again.
+            health, health_s = _timed(lambda: api.get("/health"))
+            sent, sent_s = _timed(lambda: api.post("/orders", {"buyer": "during the partition"}))
+            time.sleep(max(0.0, stalled_at + worker_timeout_s + 2 - time.monotonic()))  # past gunicorn's timeout
+            proxy.resume()
+            stalled_s = time.monotonic() - stalled_at
+            back_after_s = wait_until_selling(service.url)
+            survivors, log = service.worker_pids(), service.log_path.read_text()
+
+    print(
+        f"\nstalled {stalled_s:.1f} s; GET /health {health.status_code} in {health_s:.2f} s, a purchase sent "
+        f"meanwhile {sent.status_code} in {sent_s:.2f} s; the 8 buyers in flight: "
+        f"{sorted((outcome.error or outcome.status, round(outcome.latency_s, 2)) for outcome in in_flight)}; "
+        f"selling again {back_after_s:.2f} s after the database answered"
+    )
+    # Each answer within the database timeout, plus the lock wait the server itself ends at the deadline.
+    assert (health.status_code, health.json()["error"], health.headers["Retry-After"]) == (
+        503,
+        "store_unavailable",
+        "1",
+    )
+    assert health_s < database_timeout_s + 1, health_s  # a hang check with a margin for this loaded machine
+    assert (sent.status_code, sent.json()["error"]) == (503, "store_unavailable")
+    assert "did not answer" in sent.json()["message"] or "cannot be reached" in sent.json()["message"]
+    assert sent_s < lock_timeout_s + database_timeout_s + 1, sent_s
+    # The buyers in flight got JSON answers: sold before the partition, refused, or unknown only for a commit.
+    assert all(outcome.error in {None, "store_unavailable", "lock_timeout", "outcome_unknown"} for outcome in in_flight)
+    assert {"store_unavailable"} <= {outcome.error for outcome in in_flight}
+    # No worker was killed, and the service sold again by itself.
+    assert survivors == workers and "WORKER TIMEOUT" not in log
+    assert back_after_s < 20
+
+
+def test_a_purchase_at_the_largest_timeouts_ends_at_its_one_deadline_on_the_database_too(
+    own_database: str, tmp_path: Path
+) -> None:
+    settings = {
+        "TICKETLOCK_LOCK_TIMEOUT": str(MAX_LOCK_TIMEOUT_S),
+        "TICKETLOCK_RACE_WINDOW_MS": str(MAX_RACE_WINDOW_MS),
+    }
+    settings |= {"TICKETLOCK_DATABASE_URL": own_database, "TICKETLOCK_MODE": "advisory-lock"}
+    with (
+        EmbeddedService(workers=1, directory=tmp_path, environment=settings) as service,
+        psycopg.connect(own_database, autocommit=True) as holder,
+    ):
+
+        def as_a_sale_of_the_advisory_lock_mode() -> None:
+            holder.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, INVENTORY_LOCK))
+            holder.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, SWITCH_LOCK))
+
+        # First as a mode switch would, so that the purchase waits for its hold against switches; then as another
+        # sale of the advisory-lock mode, so that its guard waits too.
+        holder.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, SWITCH_LOCK))
+        assert_a_purchase_ends_at_its_deadline(service, hand_on=as_a_sale_of_the_advisory_lock_mode)
+
+
+# --- Missing rows -----------------------------------------------------------------------------------------------
+
+
+def _delete_row(url: str, table: str) -> None:
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table)))
+
+
+def test_a_missing_inventory_row_is_never_made_full_again_while_orders_exist_and_reset_makes_it(
+    own_database: str,
+) -> None:
+    config = load_config({"database_url": own_database, "tickets": 10, "race_window_ms": 0})
+    first = PostgresStore(config)
+    first.prepare()
+    purchase(first, PurchaseRequest("ana", 2), config)
+    _delete_row(own_database, "inventory")
+
+    restarted = PostgresStore(config)  # what a restart does, and each new worker on its first connection
+    restarted.prepare()
+    client = create_app({"database_url": own_database}).test_client()
+    tickets, health = client.get("/tickets"), client.get("/health")
+    reset = client.post("/reset", json={})
+
+    assert (tickets.status_code, tickets.json["error"]) == (500, "store_damaged")
+    assert "POST /reset makes it again" in tickets.json["message"]
+    assert (health.status_code, health.json) == (503, tickets.json)
+    assert reset.status_code == 200, reset.text
+    assert (reset.json["total"], reset.json["remaining"], client.get("/orders").json["count"]) == (10, 10, 0)
+    assert client.get("/health").status_code == 200
+
+
+def test_a_missing_settings_row_is_written_again_by_reset_and_by_put_mode(own_database: str) -> None:
+    prepare_for_start({"database_url": own_database})
+    client = create_app({"database_url": own_database}).test_client()
+    client.post("/orders", json={"buyer": "ana"})
+    _delete_row(own_database, "settings")
+
+    tickets, health = client.get("/tickets"), client.get("/health")
+    reset = client.post("/reset", json={"tickets": 5})
+    _delete_row(own_database, "settings")
+    switched = client.put("/mode", json={"mode": "atomic"})
+
+    assert (tickets.status_code, tickets.json["error"]) == (500, "store_damaged")
+    assert "PUT /mode writes it again" in tickets.json["message"] and "POST /reset" in tickets.json["message"]
+    assert (health.status_code, health.json) == (503, tickets.json)
+    assert (reset.status_code, reset.json["mode"], reset.json["remaining"]) == (200, "locked", 5)
+    assert switched.json == {"mode": "atomic", "race_window_ms": 20}
+    assert client.post("/orders", json={"buyer": "bo"}).json["mode"] == "atomic"
 
 
 def test_a_database_unreachable_at_start_is_one_clear_line_with_the_password_masked(tmp_path: Path) -> None:

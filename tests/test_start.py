@@ -97,3 +97,18 @@ def test_each_usual_start_command_serves_from_a_fresh_clone(tmp_path: Path, name
     assert order.status_code == 201, order.text
     assert (tickets.json()["remaining"], tickets.json()["mode"]) == (9, "locked")
     assert (tmp_path / "db.json.settings").exists()
+
+
+def test_a_port_in_use_stops_the_start_with_one_line_naming_the_address_and_the_setting(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        environment = {name: value for name, value in os.environ.items() if not name.startswith("TICKETLOCK_")}
+        environment |= {"TICKETLOCK_BIND": address, "TICKETLOCK_DB": str(tmp_path / "db.json")}
+        completed = subprocess.run(
+            [BIN / "ticketlock-serve"], env=environment, capture_output=True, text=True, timeout=60, cwd=tmp_path
+        )
+
+    lines = [line for line in completed.stderr.splitlines() if line.startswith("ticketlock:")]
+    assert completed.returncode != 0 and len(lines) == 1, completed.stderr
+    assert address in lines[0] and "TICKETLOCK_BIND" in lines[0]
+    assert "[ERROR]" not in completed.stderr and "Traceback" not in completed.stderr

@@ -19,6 +19,7 @@ import pytest
 from loadtest.postgres import ThrowawayPostgres
 from loadtest.redis_server import ThrowawayRedis
 from service.config import load_config
+from service.deadline import Deadline
 from service.errors import Conflict, IdempotencyKeyReused, SoldOut, StaleFence
 from service.guards import Holding
 from service.modes import MODES, TABLE, Feature, Mode, Read, Write
@@ -194,7 +195,7 @@ def test_a_version_checked_write_refuses_a_count_that_moved_since_the_read(store
     optimistic = MODES["optimistic"]
     store.change_settings({"mode": optimistic.name})
 
-    with store.begin_sale(optimistic) as sale:
+    with store.begin_sale(optimistic, _deadline(store)) as sale:
         before = sale.read(Read.PLAIN, holding := Holding())
         _in_another_thread(lambda: _write_blind(store, optimistic))
         with pytest.raises(Conflict):
@@ -209,7 +210,7 @@ def test_a_conditional_write_never_sells_what_another_sale_took_since_the_read(s
     store.reset(tickets=1, event=None)
     store.change_settings({"mode": atomic.name})
 
-    with store.begin_sale(atomic) as sale:
+    with store.begin_sale(atomic, _deadline(store)) as sale:
         before = sale.read(Read.PLAIN, holding := Holding())
         _in_another_thread(lambda: _write_blind(store, atomic))
         with pytest.raises(SoldOut):
@@ -224,7 +225,7 @@ def test_a_fenced_write_is_refused_once_a_newer_token_claimed_the_count(store: S
     store.change_settings({"mode": fenced.name})
     older, newer = Holding(fence=time.time_ns()), Holding(fence=time.time_ns() + 1)
 
-    with store.begin_sale(fenced) as sale:
+    with store.begin_sale(fenced, _deadline(store)) as sale:
         before = sale.read(Read.CLAIM, older)
         _in_another_thread(lambda: _sell(store, fenced, newer))  # a newer holder claims, and sells
         with pytest.raises(StaleFence) as refused:
@@ -233,7 +234,7 @@ def test_a_fenced_write_is_refused_once_a_newer_token_claimed_the_count(store: S
     assert refused.value.newest == newer.fence
     assert store.read_inventory().remaining == 9
     assert [(refusal["buyer"], refusal["fence"]) for refusal in store.refusals()] == [("stale", older.fence)]
-    with store.begin_sale(fenced) as sale, pytest.raises(StaleFence):
+    with store.begin_sale(fenced, _deadline(store)) as sale, pytest.raises(StaleFence):
         sale.read(Read.CLAIM, older)  # and an older token cannot claim it again
 
 
@@ -243,7 +244,7 @@ def test_a_reset_waits_for_the_sales_in_flight(store: Store) -> None:
     in_window = threading.Event()
 
     def slow_sale() -> None:
-        with store.begin_sale(unlocked) as sale:
+        with store.begin_sale(unlocked, _deadline(store)) as sale:
             before = sale.read(Read.PLAIN, holding := Holding())
             in_window.set()
             time.sleep(WINDOW_MS / 1000)
@@ -294,16 +295,21 @@ def _in_another_thread(action: Callable[[], None]) -> None:
 def _write_blind(store: Store, mode: Mode) -> None:
     """A whole sale of one ticket that writes the count read minus one, whatever the mode's own write is (no guard
     is taken: these tests race on purpose)."""
-    with store.begin_sale(mode) as sale:
+    with store.begin_sale(mode, _deadline(store)) as sale:
         before = sale.read(Read.PLAIN, holding := Holding())
         sale.write(Write.BLIND, before, _order(before, "meddler"), None, holding)
 
 
 def _sell(store: Store, mode: Mode, holding: Holding) -> None:
     """A whole sale of one ticket in ``mode``'s own read and write, as a guard that handed out ``holding`` would."""
-    with store.begin_sale(mode) as sale:
+    with store.begin_sale(mode, _deadline(store)) as sale:
         before = sale.read(mode.read, holding)
         sale.write(mode.write, before, _order(before, "newer", holding), None, holding)
+
+
+def _deadline(store: Store) -> Deadline:
+    """A sale's deadline, as ``purchase`` sets it."""
+    return Deadline.after(store.config.lock_timeout_s)
 
 
 def _order(before: Inventory, buyer: str, holding: Holding | None = None) -> Order:

@@ -77,7 +77,7 @@ class Guard(ABC):
         """Hold this guard around the block; LockTimeout if it stayed taken for ``timeout_s`` seconds."""
         holding = self._acquire(sale, timeout_s)
         if holding is None:
-            raise LockTimeout(f"{self._name(sale)} stayed taken for {timeout_s:g} s; {NOTHING_SOLD}. Retry shortly.")
+            raise LockTimeout(f"{self._name(sale)} stayed taken for {timeout_s:.3g} s; {NOTHING_SOLD}. Retry shortly.")
         try:
             yield holding
         finally:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from service.config import Config, ConfigError
+from service.deadline import Deadline
 from service.guards import SERVICES, Ability, GuardedSale, Holding
 from service.lock_service import LockService, lock_service_for
 from service.modes import MODES, TABLE, Feature, Mode, Read, Write
@@ -102,8 +103,9 @@ class Sale(GuardedSale, ABC):
     keeps the modes that would ask for them away.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, deadline: Deadline) -> None:
         self.store = store
+        self.deadline = deadline  # the purchase's: every wait of the sale gets the time left to it
 
     @property
     def host_lock_path(self) -> Path:
@@ -139,10 +141,13 @@ class Sale(GuardedSale, ABC):
         """Step 4: write the sale as ``how`` writes it and record ``order``; the order as recorded comes back.
 
         A store with transactions commits here, inside the guard, so the next buyer the guard lets in sees it.
+        The memory mode spends the worker's copy only once the store recorded the order: a write that fails
+        sells nothing, from the copy either.
         """
+        recorded = self.write_stored(how, before, order, request, holding)
         if how is Write.MEMORY:
             _spend_worker_copy(self.store.identity, before, order["quantity"])
-        return self.write_stored(how, before, order, request, holding)
+        return recorded
 
     @abstractmethod
     def read_stored(self, how: Read, holding: Holding) -> Inventory:
@@ -216,7 +221,8 @@ class Store(ABC):
 
     @abstractmethod
     def check(self) -> None:
-        """Raise StoreUnavailable if the store cannot be reached right now (``GET /health``)."""
+        """Raise the error a purchase would meet now, if any: the store is out of reach, damaged or unwritable
+        (``GET /health``)."""
 
     # --- Settings ----------------------------------------------------------------------------------------------
 
@@ -259,11 +265,11 @@ class Store(ABC):
     # --- Purchases ---------------------------------------------------------------------------------------------
 
     @abstractmethod
-    def begin_sale(self, mode: Mode) -> AbstractContextManager[Sale]:
+    def begin_sale(self, mode: Mode, deadline: Deadline) -> AbstractContextManager[Sale]:
         """A sale in ``mode``, inside the store's own hold against resets and mode switches; done when it ends.
 
-        Raises LockTimeout when that hold stays busy past the lock timeout, Conflict when the mode changed before
-        the hold was granted, StoreUnavailable when the store cannot be reached.
+        Raises LockTimeout when that hold stays busy past the purchase's ``deadline``, Conflict when the mode
+        changed before the hold was granted, StoreUnavailable when the store cannot be reached.
         """
 
     def make_durable(self, order: Order, request: IdempotentRequest | None) -> None:  # noqa: B027 - optional hook

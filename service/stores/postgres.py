@@ -15,7 +15,10 @@ that statement together with the read, in one round trip.
 
 Every wait is bounded: ``lock_timeout`` and ``statement_timeout`` end a purchase that waited too long for a
 lock (503 lock_timeout, nothing sold) and ``idle_in_transaction_session_timeout`` ends the transaction of a
-worker that stopped in the middle of one, releasing its locks.
+worker that stopped in the middle of one, releasing its locks. Those run on the server; a database that stops
+answering altogether is bounded on this side (``watchdog.py``): each call may take TICKETLOCK_DATABASE_TIMEOUT,
+plus the lock wait the server itself bounds, and past that its connection is cut and discarded (503
+store_unavailable, or outcome_unknown if the COMMIT had been sent).
 """
 
 from __future__ import annotations
@@ -28,15 +31,16 @@ import os
 import select
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar
 
 import psycopg
-from psycopg import errors
+from psycopg import errors, sql
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from service.config import MAX_RACE_WINDOW_MS, Config
+from service.deadline import Deadline
 from service.errors import (
     Conflict,
     IdempotencyKeyReused,
@@ -60,6 +64,7 @@ from service.stores.base import (
     settings_with,
     stamp_written,
 )
+from service.stores.watchdog import NoAnswer, answering_within
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +136,10 @@ CREATE TABLE IF NOT EXISTS settings (
     mode            text    NOT NULL,
     race_window_ms  integer NOT NULL
 )"""
+# Only while no order is recorded: an inventory row recreated full under recorded orders would sell them again.
 CREATE_INVENTORY = """
-INSERT INTO inventory (id, event, total, remaining) VALUES (1, %(event)s, %(total)s, %(total)s)
+INSERT INTO inventory (id, event, total, remaining)
+SELECT 1, %(event)s, %(total)s, %(total)s WHERE NOT EXISTS (SELECT 1 FROM orders)
 ON CONFLICT (id) DO NOTHING"""
 CREATE_SETTINGS = """
 INSERT INTO settings (id, mode, race_window_ms) VALUES (1, %(mode)s, %(race_window_ms)s)
@@ -146,9 +153,9 @@ BEGIN = {
 }
 HOLD_AGAINST_SWITCHES = f"SELECT pg_advisory_xact_lock_shared({LOCK_CLASS}, {SWITCH_LOCK})"
 MODE_IN_FORCE = "SELECT mode FROM settings WHERE id = 1"
-# The three go in one round trip. Each statement of a query string takes its own snapshot (read committed), so
-# the mode is read after the hold was granted: a switch that committed while this purchase waited is seen.
-START = {isolation: f"{begin}; {HOLD_AGAINST_SWITCHES}; {MODE_IN_FORCE}" for isolation, begin in BEGIN.items()}
+# A purchase's lock waits end at its deadline: this goes first in each round trip that may wait for a lock, with
+# the milliseconds left (a literal: SET takes no bound parameters), and lasts until the transaction ends.
+LOCK_WAITS_UNTIL = "SET LOCAL lock_timeout = {}"
 TAKE_ADVISORY_LOCK = f"SELECT pg_advisory_xact_lock({LOCK_CLASS}, {INVENTORY_LOCK})"
 
 READ = "SELECT event, total, remaining, version FROM inventory WHERE id = 1"
@@ -195,13 +202,19 @@ FROM idempotency_keys k JOIN orders o USING (order_id) WHERE k.key_digest = %s""
 
 READ_SETTINGS = "SELECT mode, race_window_ms FROM settings WHERE id = 1"
 TAKE_SWITCH_LOCK = f"SELECT pg_advisory_xact_lock({LOCK_CLASS}, {SWITCH_LOCK})"
-WRITE_SETTINGS = "UPDATE settings SET mode = %(mode)s, race_window_ms = %(race_window_ms)s WHERE id = 1"
+WRITE_SETTINGS = """
+INSERT INTO settings (id, mode, race_window_ms) VALUES (1, %(mode)s, %(race_window_ms)s)
+ON CONFLICT (id) DO UPDATE SET mode = excluded.mode, race_window_ms = excluded.race_window_ms"""
 CLEAR_ORDERS = "TRUNCATE idempotency_keys, orders, refusals"
-# A reset also claims the row (fence + 1): no sale that claimed it before the reset can write after it.
+# A missing row is made again, its version a clock reading (in microseconds): larger than any count of writes, so
+# that the memory mode's copies of the count are loaded again. A reset also claims the row (fence + 1): no sale
+# that claimed it before the reset can write after it.
 RESTORE_INVENTORY = """
-UPDATE inventory SET event = %(event)s, total = %(total)s, remaining = %(total)s, version = version + 1,
-                     generation = md5(random()::text), fence = fence + 1
-WHERE id = 1
+INSERT INTO inventory (id, event, total, remaining, version)
+VALUES (1, %(event)s, %(total)s, %(total)s, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)
+ON CONFLICT (id) DO UPDATE SET event = excluded.event, total = excluded.total, remaining = excluded.total,
+                               version = inventory.version + 1, generation = md5(random()::text),
+                               fence = inventory.fence + 1
 RETURNING event, total, remaining, version"""
 COUNT_ORDERS = "SELECT count(*) AS count FROM orders"
 REFUSALS = """
@@ -254,19 +267,20 @@ class PostgresStore(Store):
         try:
             with psycopg.connect(self.url, **self.connection_options) as connection:  # type: ignore[arg-type]
                 self._create_tables(connection)
-        except psycopg.OperationalError as error:
+        except (psycopg.OperationalError, NoAnswer) as error:
             raise self._unreachable(error, "check TICKETLOCK_DATABASE_URL, and that the database is up") from None
 
     def _create_tables(self, connection: psycopg.Connection[Any]) -> None:
-        with connection.transaction():
+        with answering_within(connection, self.timeout_s + self.config.lock_timeout_s), connection.transaction():
             connection.execute(CREATE_TABLES)
             connection.execute(CREATE_INVENTORY, {"event": self.config.event, "total": self.config.tickets})
             connection.execute(CREATE_SETTINGS, vars(RuntimeSettings.configured(self.config)))
 
     def check(self) -> None:
-        """A round trip to the database."""
+        """A round trip to the database that finds its settings and inventory rows."""
         with self._connection() as connection:
-            connection.execute("SELECT 1")
+            self._settings(connection.execute(READ_SETTINGS).fetchone())
+            self._inventory(connection.execute(READ).fetchone())
 
     def _unreachable(
         self, error: BaseException, advice: str = "nothing was sold or changed; retry shortly"
@@ -277,19 +291,34 @@ class PostgresStore(Store):
         )
 
     @contextmanager
-    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """A connection of this worker's pool; every database error becomes one of the service's own."""
+    def _connection(self, waits_s: float | None = 0.0) -> Iterator[psycopg.Connection[Any]]:
+        """A connection of this worker's pool; every database error becomes one of the service's own.
+
+        The block's calls must answer within the database timeout, plus ``waits_s`` for the locks they may wait
+        for (the server ends those waits itself); ``None`` for a sale, whose steps are bounded one by one, since
+        between them it works or waits for a guard of the host.
+        """
         try:
             with _pool_for(self, os.getpid()).connection(timeout=self.timeout_s) as connection:
                 if not self.tables_ready:
                     self._create_tables(connection)  # a worker started without prepare(): flask run, plain gunicorn
                     self.tables_ready = True
-                yield connection
+                if waits_s is None:
+                    yield connection
+                else:
+                    with answering_within(connection, self.timeout_s + waits_s):
+                        yield connection
         except PoolTimeout as error:
             raise self._unreachable(error) from None
+        except NoAnswer as silence:
+            raise StoreUnavailable(
+                f"The database at {self.config.masked_database_url} did not answer within {silence.seconds:.3g} s, "
+                "and the connection was dropped: nothing was sold or changed; retry shortly."
+            ) from None
         except (errors.LockNotAvailable, errors.QueryCanceled):
             raise LockTimeout(
-                f"the database's lock stayed taken for {self.config.lock_timeout_s:g} s; {NOTHING_SOLD}. Retry shortly."
+                f"the database's lock stayed taken past the lock timeout ({self.config.lock_timeout_s:g} s); "
+                f"{NOTHING_SOLD}. Retry shortly."
             ) from None
         except (errors.SerializationFailure, errors.DeadlockDetected, errors.UniqueViolation) as error:
             raise Conflict(str(error).splitlines()[0]) from None
@@ -330,14 +359,35 @@ class PostgresStore(Store):
     def _settings(self, row: Any) -> RuntimeSettings:
         mode, window = row if row else (None, None)
         if mode not in {mode.name for mode in self.available_modes()} or not isinstance(window, int):
-            raise StoreDamaged(f"The settings row of {self.config.masked_database_url} is missing or unknown.")
+            raise StoreDamaged(
+                f"The settings row of {self.config.masked_database_url} is missing, or names a mode this store cannot "
+                "run: PUT /mode writes it again (the configured mode and race window fill in what it leaves out), "
+                "and so does POST /reset."
+            )
         return RuntimeSettings(mode=mode, race_window_ms=window)
 
+    def _settings_or_configured(self, connection: psycopg.Connection[Any]) -> RuntimeSettings:
+        """The settings row, or the configured settings in place of a missing or damaged one (to write again)."""
+        try:
+            return self._settings(connection.execute(READ_SETTINGS).fetchone())
+        except StoreDamaged:
+            return RuntimeSettings.configured(self.config)
+
+    def _inventory(self, row: Any) -> Inventory:
+        if row is None:
+            raise StoreDamaged(
+                f"The inventory row of {self.config.masked_database_url} is missing. It is never made again with every "
+                "ticket for sale while orders are recorded (they would be sold twice): POST /reset makes it again, "
+                "and clears every order."
+            )
+        event, total, remaining, version = row
+        return Inventory(event=event, total=total, remaining=remaining, version=version)
+
     def change_settings(self, change: Mapping[str, Any]) -> RuntimeSettings:
-        """Wait for every purchase in flight, on every host, then switch."""
-        with self._connection() as connection, connection.transaction():
+        """Wait for every purchase in flight, on every host, then switch (writing a missing settings row again)."""
+        with self._connection(waits_s=self.config.lock_timeout_s) as connection, connection.transaction():
             connection.execute(TAKE_SWITCH_LOCK)
-            settings = settings_with(self._settings(connection.execute(READ_SETTINGS).fetchone()), change)
+            settings = settings_with(self._settings_or_configured(connection), change)
             connection.execute(WRITE_SETTINGS, vars(settings))
         return settings
 
@@ -345,17 +395,21 @@ class PostgresStore(Store):
 
     def read_inventory(self) -> Inventory:
         with self._connection() as connection:
-            return _inventory(connection.execute(READ).fetchone())
+            return self._inventory(connection.execute(READ).fetchone())
 
     def reset(self, tickets: int | None, event: str | None) -> Inventory:
-        """With no purchase in flight on any host: no orders, no keys, the count restored, a new generation."""
-        with self._connection() as connection, connection.transaction():
+        """With no purchase in flight on any host: no orders, no keys, the count restored, a new generation.
+
+        A missing inventory or settings row is made again (from the configuration, where the request says nothing).
+        """
+        with self._connection(waits_s=self.config.lock_timeout_s) as connection, connection.transaction():
             connection.execute(TAKE_SWITCH_LOCK)
-            self._settings(connection.execute(READ_SETTINGS).fetchone())
-            current = _inventory(connection.execute(READ).fetchone())
+            connection.execute(WRITE_SETTINGS, vars(self._settings_or_configured(connection)))
+            row = connection.execute(READ).fetchone()
+            current = self._inventory(row) if row else Inventory.full(self.config.event, self.config.tickets)
             connection.execute(CLEAR_ORDERS)
             fresh = {"event": event or current.event, "total": current.total if tickets is None else tickets}
-            return _inventory(connection.execute(RESTORE_INVENTORY, fresh).fetchone())
+            return self._inventory(connection.execute(RESTORE_INVENTORY, fresh).fetchone())
 
     def orders_page(self, limit: int, offset: int) -> tuple[int, list[Order]]:
         with self._connection() as connection:
@@ -390,21 +444,22 @@ class PostgresStore(Store):
     # --- Sales --------------------------------------------------------------------------------------------------
 
     @contextmanager
-    def begin_sale(self, mode: Mode) -> Iterator[Sale]:
+    def begin_sale(self, mode: Mode, deadline: Deadline) -> Iterator[Sale]:
         """BEGIN, the hold against switches, and a check that ``mode`` is still in force.
 
         The sale's write commits, inside the mode's guard: a guard of the host (the file lock, the thread lock)
         lets the next buyer read only once this sale's count is visible. A sale that ends without writing (sold
         out, a replayed key, an error) rolls back.
         """
-        with self._connection() as connection:
-            sale = PostgresSale(self, connection, mode)
+        with self._connection(waits_s=None) as connection:
+            sale = PostgresSale(self, connection, deadline, mode)
             try:
                 sale.begin()
                 yield sale
             finally:
                 if not sale.ended and not connection.broken:
-                    connection.execute(ROLLBACK)
+                    with answering_within(connection, self.timeout_s):
+                        connection.execute(ROLLBACK)
 
 
 class PostgresSale(Sale):
@@ -418,16 +473,28 @@ class PostgresSale(Sale):
     (holding off switches, and checking the mode anew) and writes only where the row still carries the token.
     """
 
-    def __init__(self, store: PostgresStore, connection: psycopg.Connection[Any], mode: Mode) -> None:
-        super().__init__(store)
+    store: PostgresStore
+
+    def __init__(
+        self, store: PostgresStore, connection: psycopg.Connection[Any], deadline: Deadline, mode: Mode
+    ) -> None:
+        super().__init__(store, deadline)
         self.connection = connection
         self.mode = mode
         self.guard_statements: list[str] = []
         self.ended = False  # committed, or refused by the database at commit
 
     def begin(self) -> None:
-        """BEGIN, the shared hold against switches, and the mode in force, in one round trip."""
-        in_force = _last_row(self.connection, START[self.mode.isolation])
+        """BEGIN, the shared hold against switches, and the mode in force, in one round trip.
+
+        Each statement of a query string takes its own snapshot (read committed), so the mode is read after the
+        hold was granted: a switch that committed while this purchase waited is seen.
+        """
+        start = _one_round_trip(
+            BEGIN[self.mode.isolation], _lock_waits_until(self.deadline), HOLD_AGAINST_SWITCHES, MODE_IN_FORCE
+        )
+        with self.answering():
+            in_force = _last_row(self.connection, start)
         self.ended = False
         if not in_force or in_force[0] != self.mode.name:
             raise Conflict(f"the mode changed to {in_force[0] if in_force else None!r}")
@@ -438,14 +505,19 @@ class PostgresSale(Sale):
     def lock_inventory_row(self) -> None:
         self.guard_statements.append(LOCK_ROW)
 
+    def answering(self) -> AbstractContextManager[None]:
+        """The sale's next round trips: they may wait for a lock until the purchase's deadline (the server ends
+        those waits there), and then have the database timeout to answer."""
+        return answering_within(self.connection, self.store.timeout_s + self.deadline.left())
+
     def _send_guard_statements(self) -> None:
         if self.guard_statements:
-            self.connection.execute("; ".join(self.guard_statements))
+            self.connection.execute(_one_round_trip(_lock_waits_until(self.deadline), *self.guard_statements))
             self.guard_statements.clear()
 
     def find_replay(self, request: IdempotentRequest) -> Order | None:
-        self._send_guard_statements()  # the key is looked up under the guard
-        with self.connection.cursor(row_factory=dict_row) as cursor:
+        with self.answering(), self.connection.cursor(row_factory=dict_row) as cursor:
+            self._send_guard_statements()  # the key is looked up under the guard
             row = cursor.execute(FIND_REPLAY, (request.digest,)).fetchone()
         if row is None:
             return None
@@ -458,9 +530,10 @@ class PostgresSale(Sale):
     def read_stored(self, how: Read, holding: Holding) -> Inventory:
         if how is Read.CLAIM:
             return self._claim(_fence_of(holding))
-        statements = "; ".join([*self.guard_statements, READ])
+        statements = _one_round_trip(_lock_waits_until(self.deadline), *self.guard_statements, READ)
         self.guard_statements.clear()
-        return _inventory(_last_row(self.connection, statements))
+        with self.answering():
+            return self.store._inventory(_last_row(self.connection, statements))
 
     def _claim(self, fence: int) -> Inventory:
         """Claim the row with ``fence``, committed as it runs; StaleFence if a newer token claimed it already.
@@ -468,18 +541,29 @@ class PostgresSale(Sale):
         The sale's first transaction ends before: the claim runs on its own, so that the row's lock lasts only
         while the server runs it, and a holder stopped right after cannot keep the next holder waiting.
         """
-        self._commit()
-        row = self.connection.execute(CLAIM, {"fence": fence}).fetchone()
-        if row is None:
-            newest = self._newest_fence()
-            raise StaleFence(f"the inventory was claimed by token {newest}, newer than this holder's {fence}", newest)
-        return _inventory(row)
+        with self.answering():
+            self._commit()
+            row = self.connection.execute(CLAIM, {"fence": fence}).fetchone()
+            if row is None:
+                newest = self._newest_fence()
+                raise StaleFence(
+                    f"the inventory was claimed by token {newest}, newer than this holder's {fence}", newest
+                )
+        return self.store._inventory(row)
 
     def _newest_fence(self) -> int:
         row = self.connection.execute(NEWEST_FENCE).fetchone()
         return int(row[0]) if row else 0
 
     def write_stored(
+        self, how: Write, before: Inventory, order: Order, request: IdempotentRequest | None, holding: Holding
+    ) -> Order:
+        if how is Write.FENCED:
+            self.begin()  # the claim ended the first transaction: a new one, holding off switches again
+        with self.answering():
+            return self._write(how, before, order, request, holding)
+
+    def _write(
         self, how: Write, before: Inventory, order: Order, request: IdempotentRequest | None, holding: Holding
     ) -> Order:
         if how is Write.BLIND:
@@ -507,8 +591,7 @@ class PostgresSale(Sale):
         return order
 
     def _write_fenced(self, order: Order, fence: int) -> None:
-        """Begin again and write where the row still carries ``fence``; a refusal is recorded, then StaleFence."""
-        self.begin()
+        """Write where the row still carries ``fence``; a refusal is recorded, then StaleFence."""
         if self.connection.execute(WRITE_FENCED, {"remaining": order["remaining"], "fence": fence}).rowcount:
             return
         newest = self._newest_fence()
@@ -557,20 +640,24 @@ def _closed_by_server(connection: psycopg.Connection[Any]) -> None:
         raise psycopg.OperationalError("the server closed this idle connection")
 
 
-def _last_row(connection: psycopg.Connection[Any], statements: str) -> Any:
+def _lock_waits_until(deadline: Deadline) -> sql.Composable:
+    """The statement that ends the transaction's next lock waits at ``deadline``."""
+    milliseconds = max(1, math.ceil(deadline.left() * 1000))  # at least 1: a lock_timeout of 0 would mean no limit
+    return sql.SQL(LOCK_WAITS_UNTIL).format(sql.Literal(milliseconds))
+
+
+def _one_round_trip(*statements: str | sql.Composable) -> sql.Composed:
+    """Several statements in one query string (no bound parameters allowed there)."""
+    return sql.SQL("; ").join(sql.SQL(part) if isinstance(part, str) else part for part in statements)
+
+
+def _last_row(connection: psycopg.Connection[Any], statements: sql.Composed) -> Any:
     """Run several statements in one round trip (no parameters allowed), and return the last one's first row."""
     with connection.cursor() as cursor:
         cursor.execute(statements)
         for _ in cursor.results():
             pass  # step to the last statement's result
         return cursor.fetchone()
-
-
-def _inventory(row: Any) -> Inventory:
-    if row is None:
-        raise StoreDamaged("The inventory row is missing: POST /reset creates it again.")
-    event, total, remaining, version = row
-    return Inventory(event=event, total=total, remaining=remaining, version=version)
 
 
 def _order(row: Any) -> Order:

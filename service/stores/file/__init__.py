@@ -2,8 +2,9 @@
 
 For db.json at PATH the store keeps:
 
-    PATH               the inventory {"event", "total", "remaining", "version"}: one human-readable line, replaced
-                       atomically (``atomic.py``); "version" grows with every write and reset
+    PATH               the inventory {"event", "total", "remaining", "version", "reflects"}: one human-readable
+                       line, replaced atomically (``atomic.py``); "version" grows with every write and reset, and
+                       "reflects" says how much of the journal the count has applied (``journal.Reflects``)
     PATH.orders        the order journal, and PATH.orders.flushed, how much of it is on disk (``journal.py``)
     PATH.keys/         one small file per Idempotency-Key (``keys.py``)
     PATH.settings      how purchases run {"mode", "race_window_ms"}: read on every request by every worker
@@ -15,6 +16,10 @@ waits for the sales in flight, and a sale checks under its hold that its mode is
 unguarded mode that began before a switch can write in the middle of a safe mode's sale. A guard or a write that
 takes the same file exclusively (the ``locked`` mode's guard, the optimistic check-and-write) converts that hold:
 ``flock`` keeps one lock per open file, and a thread uses one descriptor per lock file (``service/flock.py``).
+
+db.json is not flushed to disk at every sale; the journal is, before every 201. After a power cut db.json may be
+older than the journal, so at every start ``prepare`` applies to the count the orders recorded after what
+db.json reflects (a redo, as a database replays its log), and logs how many (docs/file-store.md, "Durability").
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any, ClassVar
 
 from service import flock
 from service.config import MAX_RACE_WINDOW_MS, Config
+from service.deadline import Deadline
 from service.errors import Conflict, OrderNotDurable, StoreDamaged, StoreWriteFailed
 from service.guards import NOTHING_SOLD, Holding
 from service.modes import MODES, Feature, Isolation, Mode, Read, Write
@@ -43,15 +49,21 @@ from service.stores.base import (
     settings_with,
     stamp_written,
 )
-from service.stores.file.atomic import create_if_absent, read_json_file, remove_leftovers, replace_json
-from service.stores.file.journal import Journal
+from service.stores.file.atomic import (
+    check_writable,
+    create_if_absent,
+    read_json_file,
+    remove_leftovers,
+    replace_json,
+)
+from service.stores.file.journal import Journal, Reflects
 from service.stores.file.keys import IdempotencyKeys
 
 __all__ = ["FileStore"]
 
 log = logging.getLogger(__name__)
 
-INVENTORY_KEYS = {"event", "total", "remaining"}  # and "version", absent from files written before it existed
+INVENTORY_KEYS = {"event", "total", "remaining"}  # "version" and "reflects" are absent from files written before them
 
 ADVICE = {
     "inventory": (
@@ -100,14 +112,56 @@ class FileStore(Store):
         self._create_missing(may_create_inventory=not self.journal.has_orders())
         self._write_settings(RuntimeSettings.configured(self.config))
         self.journal.forget_flushes()  # the journal may have been replaced, or cut, while the service was stopped
+        self._apply_journal()
+
+    def _apply_journal(self) -> None:
+        """Bring db.json's count up to date with the orders journaled after what it reflects (a power cut can leave
+        it older than the journal, which was flushed before every 201). The memory mode's orders never moved the
+        count and are left out; a count never goes below 0. A db.json that does not say what it reflects (written
+        before it did), or names another journal, is taken to reflect none of it: a count may then end up lower
+        than the orders allow, never higher."""
+        with flock.holding(self.lock_path, self.lock_timeout_s, "db.json was not brought up to date"):
+            try:
+                inventory, reflects = self.read_db()
+            except StoreDamaged as damage:
+                log.warning("db.json not brought up to date with the journal: %s", damage)
+                return
+            end = self.journal.end()
+            if reflects is None or reflects.journal != end.journal:
+                reflects = Reflects(end.journal, 0)
+            later = [order for order in self.journal.orders_from(reflects.bytes) if order["order_id"] != reflects.order]
+            redo = [order for order in later if _moves_the_count(order)]
+            sold = sum(int(order["quantity"]) for order in redo)
+            after = replace(inventory, remaining=max(0, inventory.remaining - sold), version=inventory.version + 1)
+            if redo:
+                self._write_inventory(after, end)
+        if not redo:
+            log.info("db.json is up to date: no order that moves the count was journaled after what it reflects")
+            return
+        log.warning(
+            "db.json brought up to date with the journal: %d orders were journaled after the %d bytes its count "
+            "reflected (%d tickets): remaining %d -> %d (orders of the memory mode left out, as they never move the "
+            "count: %d)",
+            len(redo),
+            reflects.bytes,
+            sold,
+            inventory.remaining,
+            after.remaining,
+            len(later) - len(redo),
+        )
 
     def check(self) -> None:
-        """Files need no connection: the store is there whenever the service is."""
+        """db.json and the settings file read and valid (else StoreDamaged), and a new file can be made in their
+        folder (else StoreWriteFailed), as every sale makes one."""
+        self.read_inventory()
+        self.read_settings()
+        check_writable(self._beside("health"))
 
     def _create_missing(self, *, may_create_inventory: bool = False) -> None:
         create_if_absent(self.settings_path, asdict(RuntimeSettings.configured(self.config)))
         if may_create_inventory and not self.path.exists():
-            create_if_absent(self.path, asdict(Inventory.full(self.config.event, self.config.tickets)))
+            full = Inventory.full(self.config.event, self.config.tickets)
+            create_if_absent(self.path, _db_json(full, self.journal.end()))
 
     # --- The inventory (db.json) ----------------------------------------------------------------------------
 
@@ -117,24 +171,36 @@ class FileStore(Store):
         A db.json that is missing while no journal exists yet is created from the configuration (the first
         request of a service started without ``prepare``); once orders or a reset happened, it is damage.
         """
+        return self.read_db()[0]
+
+    def read_db(self) -> tuple[Inventory, Reflects | None]:
+        """db.json's inventory, and how much of the journal its count reflects (None: the file does not say)."""
         data = self._read_json(self.path, "inventory", create=self._create_inventory_on_first_use)
-        if not isinstance(data, dict) or not INVENTORY_KEYS <= set(data) <= INVENTORY_KEYS | {"version"}:
-            problem = 'expected an object with exactly "event", "total", "remaining" and, optionally, "version"'
+        if not isinstance(data, dict) or not INVENTORY_KEYS <= set(data) <= INVENTORY_KEYS | {"version", "reflects"}:
+            problem = (
+                'expected an object with exactly "event", "total", "remaining" and, optionally, "version" and '
+                '"reflects"'
+            )
             raise _damaged(self.path, problem, "inventory")
         event, total, remaining, version = data["event"], data["total"], data["remaining"], data.get("version", 0)
         if not isinstance(event, str) or not all(map(_is_count, (total, remaining, version))) or remaining > total:
             problem = '"event" must be text and the rest whole numbers, with 0 <= remaining <= total'
             raise _damaged(self.path, problem, "inventory")
-        return Inventory(event=event, total=total, remaining=remaining, version=version)
+        reflects = _reflects(data.get("reflects"))
+        if "reflects" in data and reflects is None:
+            problem = '"reflects" must be {"journal": text, "bytes": a whole number, "order": text or null}'
+            raise _damaged(self.path, problem, "inventory")
+        return Inventory(event=event, total=total, remaining=remaining, version=version), reflects
 
     def _create_inventory_on_first_use(self) -> None:
         if self.journal.exists():
             raise _damaged(self.path, "the file is missing", "inventory")
         self._create_missing(may_create_inventory=True)
 
-    def _write_inventory(self, inventory: Inventory, *, durable: bool = True) -> None:
-        """Replace db.json atomically with this inventory (``durable``: fsynced before it takes db.json's place)."""
-        replace_json(self.path, vars(inventory), durable=durable)  # vars: asdict's deep copy costs, every sale
+    def _write_inventory(self, inventory: Inventory, reflects: Reflects | None, *, durable: bool = True) -> None:
+        """Replace db.json atomically with this inventory, whose count reflects ``reflects`` of the journal
+        (``durable``: fsynced before it takes db.json's place)."""
+        replace_json(self.path, _db_json(inventory, reflects), durable=durable)
 
     # --- Settings ---------------------------------------------------------------------------------------------
 
@@ -173,22 +239,29 @@ class FileStore(Store):
     # --- Sales ------------------------------------------------------------------------------------------------
 
     @contextmanager
-    def begin_sale(self, mode: Mode) -> Iterator[Sale]:
+    def begin_sale(self, mode: Mode, deadline: Deadline) -> Iterator[Sale]:
         """Hold the host's lock file shared for the whole sale, and check that ``mode`` is still the one in force
         (Conflict if a switch came first: the purchase starts again in the new mode)."""
-        with flock.holding(self.lock_path, self.lock_timeout_s, NOTHING_SOLD, shared=True):
+        with flock.holding(self.lock_path, deadline.left(), NOTHING_SOLD, shared=True):
             in_force = self.read_settings().mode
             if in_force != mode.name:
                 raise Conflict(f"the mode changed to {in_force!r}")
-            yield FileSale(self)
+            yield FileSale(self, deadline)
 
-    def record_sale(self, before: Inventory, order: Order, request: IdempotentRequest | None = None) -> None:
+    def record_sale(
+        self,
+        before: Inventory,
+        order: Order,
+        request: IdempotentRequest | None = None,
+        reflected: Reflects | None = None,
+    ) -> None:
         """The "write" of a purchase: claim the Idempotency-Key, write the new count, then journal the order.
 
         The order of the writes is what makes a crash at any point harmless: killed before the count is
         written, nothing happened; killed between the count and the journal line, one ticket is counted as sold
         that nobody holds (the buyer never got a 201); killed after the line, the sale is complete. A crash can
-        only ever sell less, never twice. If writing the journal line fails, the count is put back.
+        only ever sell less, never twice. If writing the journal line fails, the count is put back, with what
+        it ``reflected`` of the journal.
 
         The order is journaled but not fsynced when this returns: ``make_durable`` does that, outside the lock,
         before the buyer is told (docs/file-store.md, "Durability").
@@ -196,12 +269,13 @@ class FileStore(Store):
         after = replace(before, remaining=order["remaining"], version=before.version + 1)
         if request is not None:
             self.keys.claim(request, order["order_id"])
-        self._write_inventory(after, durable=False)
+        journal = self.journal.end(order["order_id"])  # the order's line goes right after these bytes
+        self._write_inventory(after, journal, durable=False)
         stamp_written(order)
         try:
             self.journal.append(order)
         except StoreWriteFailed:
-            self._write_inventory(before, durable=False)
+            self._write_inventory(before, reflected, durable=False)
             raise
         if request is not None:
             self.keys.complete(request, order)
@@ -256,9 +330,9 @@ class FileStore(Store):
             fresh = Inventory.full(
                 event or current.event, current.total if tickets is None else tickets, version=current.version + 1
             )
-            self.journal.start_afresh()
+            journal = self.journal.start_afresh()
             self.keys.discard_all()
-            self._write_inventory(fresh)
+            self._write_inventory(fresh, journal)
         return fresh
 
     # --- Files ---------------------------------------------------------------------------------------------------
@@ -282,12 +356,14 @@ class FileSale(Sale):
     """A purchase's read and write on db.json, inside the shared hold ``FileStore.begin_sale`` took."""
 
     store: FileStore
+    reflected: Reflects | None = None  # what the count read reflects of the journal
 
     def find_replay(self, request: IdempotentRequest) -> Order | None:
         return self.store.keys.find_replay(request)
 
     def read_stored(self, how: Read, holding: Holding) -> Inventory:
-        return self.store.read_inventory()
+        inventory, self.reflected = self.store.read_db()
+        return inventory
 
     def write_stored(
         self, how: Write, before: Inventory, order: Order, request: IdempotentRequest | None, holding: Holding
@@ -297,12 +373,12 @@ class FileSale(Sale):
             store.record_order(order, request)
         elif how is Write.IF_VERSION:
             # The check and the write under one short exclusive hold (it converts the sale's shared one).
-            with flock.holding(store.lock_path, store.lock_timeout_s, NOTHING_SOLD):
+            with flock.holding(store.lock_path, self.deadline.left(), NOTHING_SOLD):
                 if store.read_inventory().version != before.version:
                     raise Conflict(f"db.json changed since version {before.version} was read")
-                store.record_sale(before, order, request)
+                store.record_sale(before, order, request, self.reflected)
         else:
-            store.record_sale(before, order, request)
+            store.record_sale(before, order, request, self.reflected)
         return order
 
 
@@ -316,3 +392,24 @@ def _damage_of(kind: str) -> Callable[[Path, str], StoreDamaged]:
 
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _db_json(inventory: Inventory, reflects: Reflects | None) -> dict[str, Any]:
+    # vars, not asdict: asdict's deep copy costs, at every sale
+    return {**vars(inventory), "reflects": vars(reflects)} if reflects else vars(inventory)
+
+
+def _reflects(data: object) -> Reflects | None:
+    """db.json's "reflects", or None when it is absent or not of its shape."""
+    if not isinstance(data, dict) or set(data) != {"journal", "bytes", "order"}:
+        return None
+    journal, size, order = data["journal"], data["bytes"], data["order"]
+    if not isinstance(journal, str) or not _is_count(size) or not isinstance(order, str | None):
+        return None
+    return Reflects(journal, size, order)
+
+
+def _moves_the_count(order: Order) -> bool:
+    """Whether the order's sale wrote the count: every mode's but the memory mode's (an unknown mode counts)."""
+    mode = MODES.get(str(order.get("mode")))
+    return mode is None or mode.write is not Write.MEMORY

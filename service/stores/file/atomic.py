@@ -56,6 +56,18 @@ def replace_bytes(path: Path, content: bytes, *, durable: bool = True) -> None:
         raise StoreWriteFailed(message) from error
 
 
+def check_writable(path: Path) -> None:
+    """Make a temporary file beside ``path`` and delete it, as every write does; StoreWriteFailed naming the folder
+    if the folder refuses (its permissions, a read-only or full disk)."""
+    try:
+        os.unlink(write_temporary(path, b"", durable=False))
+    except OSError as error:
+        raise StoreWriteFailed(
+            f"no file can be written in {path.parent} ({error.strerror}): every purchase would fail. Make the folder "
+            "writable for the service's user."
+        ) from error
+
+
 def create_if_absent(path: Path, data: object) -> None:
     """Create ``path`` holding ``data`` as readable JSON, unless it exists (also if someone creates it meanwhile)."""
     temporary = write_temporary(path, to_json_bytes(data, readable=True), durable=True)

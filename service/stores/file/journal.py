@@ -7,6 +7,9 @@ torn by a power cut is skipped when read, and the next order starts on a fresh l
 ``PATH.flushed`` is the flush lock file, and records which journal (its inode) and how many of its bytes are on
 disk: ``flush`` fsyncs only when the bytes it must make durable are not on disk yet, so that one fsync serves
 every worker that appended while the previous one ran (group commit).
+
+db.json says how much of the journal its count reflects (``Reflects``): which journal, the bytes before the sale
+that wrote it, and that sale's order, whose line is appended just after. ``orders_from`` reads what came later.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import struct
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from service import flock
@@ -30,6 +34,18 @@ log = logging.getLogger(__name__)
 
 FEED_CHUNK_BYTES = 64 * 1024
 FLUSHED = struct.Struct("<QQ")  # the flush lock file's record: the journal's inode, and its bytes on disk
+HEADER_BYTES = 128  # enough for a reset's first line, {"journal": "<32 hex digits>"}
+
+
+@dataclass(frozen=True)
+class Reflects:
+    """How much of the journal a count reflects: every order of journal ``journal`` ("" for one started by its
+    first order) whose line starts before byte ``bytes``, and the order ``order``, written with the count just
+    before its own line was appended (None: no such order)."""
+
+    journal: str
+    bytes: int
+    order: str | None = None
 
 
 class Journal:
@@ -77,10 +93,13 @@ class Journal:
         except LockTimeout:
             _cut_back(fd, size, written)  # the disk stalls: the part must go all the same
 
-    def start_afresh(self) -> None:
-        """Replace the journal by an empty one whose first line names it (a reset)."""
-        replace_bytes(self.path, to_json_bytes({"journal": uuid.uuid4().hex}) + b"\n")
+    def start_afresh(self) -> Reflects:
+        """Replace the journal by an empty one whose first line names it (a reset): all of it, reflected."""
+        journal_id = uuid.uuid4().hex
+        header = to_json_bytes({"journal": journal_id}) + b"\n"
+        replace_bytes(self.path, header)
         self.forget_flushes()
+        return Reflects(journal_id, len(header))
 
     def flush(self) -> None:
         """fsync the journal, unless an fsync that began after everything now in it was written already did.
@@ -126,14 +145,35 @@ class Journal:
         """Whether a journal was ever started (by an order or a reset)."""
         return self.path.exists()
 
+    def end(self, order: str | None = None) -> Reflects:
+        """The journal as it is now, all of it (and ``order``, about to be appended): what a count written now
+        reflects. ("", 0) while there is no journal."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return Reflects("", 0, order)
+        try:
+            first_line = os.pread(fd, HEADER_BYTES, 0).partition(b"\n")[0]
+            return Reflects(_journal_id(first_line), os.fstat(fd).st_size, order)
+        finally:
+            os.close(fd)
+
     def orders(self) -> Iterator[Order]:
         """Every recorded order, oldest first, read line by line so memory does not grow with the journal."""
+        return self.orders_from(0)
+
+    def orders_from(self, offset: int) -> Iterator[Order]:
+        """The recorded orders whose lines start at byte ``offset`` or later, oldest first."""
         try:
             journal = open(self.path, "rb")  # noqa: SIM115 - closed below, after the last line
         except FileNotFoundError:
             return
         with journal:
+            end = 0
             for number, line in enumerate(journal, start=1):
+                start, end = end, end + len(line)
+                if start < offset:
+                    continue
                 order = _parse_order_line(line)
                 if order is not None:
                     yield order
