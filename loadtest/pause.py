@@ -33,8 +33,8 @@ from service.stores.postgres import CLAIM, READ
 HOLDER = re.compile(r"(?P<host>.+) pid (?P<pid>\d+) \w+")  # the lease's value: service/lock_service.py
 TRY_EVERY_S = 0.005  # how long a holder runs between two tries to stop it
 PAUSED, READING, WRITING = "paused", "reading", "writing"
-# A worker whose last statement is one of these has read the count and works: its text up to the first parameter,
-# since the server shows parameters as $1, $2, ...
+# A worker whose last query holds one of these has read the count and works: each statement's text up to its first
+# parameter, since the server shows parameters as $1, $2, ... (a query may start with the sale's SET LOCAL).
 STATEMENTS_BEFORE_THE_WORK = tuple(statement.split("%(")[0].strip() for statement in (READ, CLAIM))
 WRITES = ("UPDATE", "INSERT")  # (a COMMIT may end its first transaction, before its claim)
 LOOK_EVERY_S = 0.001
@@ -175,7 +175,7 @@ class _Watcher:
         ).fetchone()
         if row is None or row[1] == 0:
             return WRITING  # nothing it could sell: a pause would show nothing
-        if row[0].lstrip().startswith(STATEMENTS_BEFORE_THE_WORK):
+        if any(statement in row[0] for statement in STATEMENTS_BEFORE_THE_WORK):
             return PAUSED
         return WRITING if row[0].lstrip().startswith(WRITES) else READING
 
