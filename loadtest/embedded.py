@@ -11,26 +11,23 @@ sends SIGTERM to the group, waits, then SIGKILLs whatever is left, and checks by
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import suppress
-from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from loadtest.client import ServiceClient, ServiceError, ServiceUnreachable
+from loadtest.server import ServerProcess, processes_in_group
 from service.serve import GUNICORN_CONF, gunicorn_command
 
 STARTUP_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 10.0
 
 
-class EmbeddedService:
+class EmbeddedService(ServerProcess):
     """``with EmbeddedService(workers=4) as service:`` serves ``service.url`` until the block ends."""
+
+    what = "the service"
 
     def __init__(
         self,
@@ -54,15 +51,6 @@ class EmbeddedService:
         self.log_path = self.directory / "gunicorn.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
-
-    def __enter__(self) -> EmbeddedService:
-        self.start()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         """Start gunicorn and wait until ``GET /health`` answers."""
@@ -128,81 +116,9 @@ class EmbeddedService:
         return [pid for pid in processes_in_group(self.master_pid or -1) if pid != self.master_pid]
 
     def stop(self) -> None:
-        """SIGTERM the process group, wait, SIGKILL what is left; raise if any of its processes survives."""
-        if self.process is None:
-            return
-        survivors = stop_group(self.process, signal.SIGTERM, STOP_TIMEOUT_S)
-        self.process = None
-        if self._temporary:
-            self._temporary.cleanup()
-        if survivors:
-            raise RuntimeError(f"processes {survivors} of the service survived SIGKILL")
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The end of gunicorn's log, for error messages."""
+        """Stop gunicorn (see ``ServerProcess.stop``), then delete its temporary folder, if it made one."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
-def stop_group(process: subprocess.Popen[bytes], first: signal.Signals, timeout_s: float) -> list[int]:
-    """Send ``first`` to the process group ``process`` leads, wait, then SIGKILL what is left: the survivors' PIDs."""
-    group = process.pid
-    signal_group(group, first)
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        signal_group(group, signal.SIGKILL)
-        process.wait(timeout=timeout_s)
-    deadline = time.monotonic() + timeout_s
-    while processes_in_group(group) and time.monotonic() < deadline:
-        signal_group(group, signal.SIGKILL)
-        time.sleep(0.05)
-    return processes_in_group(group)
-
-
-def processes_in_group(group: int) -> list[int]:
-    """PIDs of live (not zombie) processes whose process group is ``group``."""
-    return sorted(process.pid for process in _live_processes() if process.group == group)
-
-
-def descendants(root: int) -> list[int]:
-    """PIDs of every live process below ``root``: children, grandchildren, and so on."""
-    children: dict[int, list[int]] = {}
-    for process in _live_processes():
-        children.setdefault(process.parent, []).append(process.pid)
-    found: list[int] = []
-    frontier = [root]
-    while frontier:
-        below = children.get(frontier.pop(), [])
-        found += below
-        frontier += below
-    return sorted(found)
-
-
-@dataclass(frozen=True)
-class _Process:
-    pid: int
-    parent: int
-    group: int
-
-
-def _live_processes() -> Iterator[_Process]:
-    """Every process that is not a zombie, from /proc/<pid>/stat."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # it ended while we looked
-        # The command name (field 2) is in parentheses and may hold spaces: split after its closing one.
-        state, parent, group = stat[stat.rindex(")") + 2 :].split()[:3]
-        if state != "Z":
-            yield _Process(int(entry.name), int(parent), int(group))
-
-
-def signal_group(group: int, signal_number: signal.Signals) -> None:
-    with suppress(ProcessLookupError):
-        os.killpg(group, signal_number)
+            super().stop()
+        finally:
+            if self._temporary:
+                self._temporary.cleanup()

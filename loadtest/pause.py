@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 import redis
 
-from loadtest.embedded import processes_in_group
+from loadtest.server import processes_in_group
 from service.lock_service import LEASE_KEY
 from service.stores.postgres import CLAIM, READ
 

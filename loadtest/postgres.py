@@ -27,7 +27,7 @@ from types import TracebackType
 import psycopg
 from psycopg import sql
 
-from loadtest.embedded import stop_group
+from loadtest.server import ServerProcess
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
@@ -54,8 +54,12 @@ def find_binaries() -> Path:
     raise PostgresNotFound(f"PostgreSQL's server binaries (initdb, postgres) were not found: {INSTALL_HINT}")
 
 
-class ThrowawayPostgres:
+class ThrowawayPostgres(ServerProcess):
     """``with ThrowawayPostgres() as database:`` serves ``database.url`` until the block ends."""
+
+    what = "PostgreSQL"
+    stop_signal = signal.SIGINT  # a fast shutdown: sessions are ended, the cluster stays consistent
+    stop_timeout_s = STOP_TIMEOUT_S
 
     def __init__(self, directory: Path | None = None) -> None:
         self.binaries = find_binaries()
@@ -69,14 +73,10 @@ class ThrowawayPostgres:
         self.user = "postgres" if os.geteuid() == 0 else None
         self.url = f"postgresql://{USER}@/{DATABASE}?host={self.socket_folder}"
 
-    def __enter__(self) -> ThrowawayPostgres:
-        self.start()
-        return self
-
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        self.stop()
+        super().__exit__(kind, error, trace)
         if self._temporary:
             self._temporary.cleanup()
 
@@ -107,7 +107,9 @@ class ThrowawayPostgres:
         with open(self.log_path, "ab") as log:
             completed = subprocess.run(command, stdout=log, stderr=log, user=self.user, timeout=START_TIMEOUT_S)
         if completed.returncode != 0:
-            raise RuntimeError(f"{what} failed with status {completed.returncode}; the end of its log:\n{self._tail()}")
+            raise RuntimeError(
+                f"{what} failed with status {completed.returncode}; the end of its log:\n{self.log_tail()}"
+            )
 
     def _serve(self) -> None:
         command = [
@@ -133,14 +135,14 @@ class ThrowawayPostgres:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"postgres exited with {self.process.returncode}; its log:\n{self._tail()}")
+                raise RuntimeError(f"postgres exited with {self.process.returncode}; its log:\n{self.log_tail()}")
             try:
                 psycopg.connect(self._admin_url(), connect_timeout=2).close()
                 return
             except psycopg.OperationalError:
                 time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"postgres did not accept connections within {START_TIMEOUT_S:g} s:\n{self._tail()}")
+        raise RuntimeError(f"postgres did not accept connections within {START_TIMEOUT_S:g} s:\n{self.log_tail()}")
 
     def create_database(self, name: str) -> str:
         """A new, empty database on this server, owned by the service's user: its URL (for a test of its own)."""
@@ -153,28 +155,8 @@ class ThrowawayPostgres:
     def _admin_url(self) -> str:
         return f"postgresql://{USER}@/postgres?host={self.socket_folder}"
 
-    @property
-    def pid(self) -> int | None:
-        """The postmaster's PID (also its process group id), while it runs."""
-        return self.process.pid if self.process else None
-
-    def stop(self) -> None:
-        """A fast shutdown (SIGINT: sessions are ended, the cluster stays consistent), then SIGKILL what is left."""
-        if self.process is None:
-            return
-        survivors = stop_group(self.process, signal.SIGINT, STOP_TIMEOUT_S)
-        self.process = None
-        if survivors:
-            raise RuntimeError(f"processes {survivors} of PostgreSQL survived SIGKILL")
-
     def restart(self, down_for_s: float = 0.0) -> None:
         """Stop the server, stay down for ``down_for_s`` seconds, and serve the same data again."""
         self.stop()
         time.sleep(down_for_s)
         self._serve()
-
-    def _tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"

@@ -9,7 +9,6 @@ SIGKILLs whatever is left and checks by PID that nothing remains.
 from __future__ import annotations
 
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -19,10 +18,9 @@ from types import TracebackType
 
 import redis
 
-from loadtest.embedded import stop_group
+from loadtest.server import ServerProcess
 
 START_TIMEOUT_S = 20.0
-STOP_TIMEOUT_S = 10.0
 INSTALL_HINT = "install the operating system's Redis server, e.g. `sudo apt-get install redis-server`"
 
 
@@ -30,8 +28,10 @@ class RedisNotFound(RuntimeError):
     """The ``redis-server`` program is not installed."""
 
 
-class ThrowawayRedis:
-    """``with ThrowawayRedis() as server:`` serves ``server.url`` until the block ends."""
+class ThrowawayRedis(ServerProcess):
+    """``with ThrowawayRedis() as server:`` serves ``server.url`` until the block ends (SIGTERM: Redis shuts down)."""
+
+    what = "redis-server"
 
     def __init__(self, address: str = "127.0.0.1") -> None:
         program = shutil.which("redis-server")
@@ -46,14 +46,10 @@ class ThrowawayRedis:
         self.url = f"redis://{address}:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> ThrowawayRedis:
-        self.start()
-        return self
-
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        self.stop()
+        super().__exit__(kind, error, trace)
         self._temporary.cleanup()
 
     def start(self) -> None:
@@ -75,7 +71,7 @@ class ThrowawayRedis:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}; its log:\n{self._tail()}")
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}; its log:\n{self.log_tail()}")
             try:
                 client.ping()
                 return
@@ -84,33 +80,13 @@ class ThrowawayRedis:
             finally:
                 client.close()
         self.stop()
-        raise RuntimeError(f"redis-server did not answer within {START_TIMEOUT_S:g} s:\n{self._tail()}")
-
-    @property
-    def pid(self) -> int | None:
-        """The server's PID (also its process group id), while it runs."""
-        return self.process.pid if self.process else None
-
-    def stop(self) -> None:
-        """SIGTERM (Redis shuts down), wait, then SIGKILL what is left; raise if any of its processes survives."""
-        if self.process is None:
-            return
-        survivors = stop_group(self.process, signal.SIGTERM, STOP_TIMEOUT_S)
-        self.process = None
-        if survivors:
-            raise RuntimeError(f"processes {survivors} of redis-server survived SIGKILL")
+        raise RuntimeError(f"redis-server did not answer within {START_TIMEOUT_S:g} s:\n{self.log_tail()}")
 
     def restart(self, down_for_s: float = 0.0) -> None:
         """Stop the server (every key is lost), stay down for ``down_for_s`` seconds, and serve again."""
         self.stop()
         time.sleep(down_for_s)
         self.start()
-
-    def _tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
 
 def _free_port(address: str) -> int:

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from loadtest.embedded import descendants
 from loadtest.lesson import SECTIONS, run
 from loadtest.lesson.processes import status
+from loadtest.server import descendants
 from tests.conftest import ROOT
 
 

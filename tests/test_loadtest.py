@@ -15,8 +15,9 @@ import pytest
 
 from loadtest.checker import OK, Outcome, check
 from loadtest.cli import exit_status
-from loadtest.embedded import EmbeddedService, descendants
+from loadtest.embedded import EmbeddedService
 from loadtest.runner import Latency, LoadOptions, PhaseResult, RunResult
+from loadtest.server import descendants
 from loadtest.timeline import bars_from_orders, overlapping_pairs, render_text, shared_reads
 from tests.conftest import Api, run_cli, start_cli
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from loadtest.embedded import processes_in_group
+from loadtest.server import processes_in_group
 from tests.conftest import ROOT, Api
 
 BIN = Path(sys.executable).parent

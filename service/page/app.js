@@ -404,38 +404,32 @@ function svgElement(name, attributes, parent) {
 
 function orderToBar(order) {
   const timing = order.timing || {};
-  return usableBar({
-    buyer: String(order.buyer),
-    pid: Number(order.worker_pid),
-    host: String(order.host ?? ""),
-    quantity: Number(order.quantity ?? 1),
-    countRead: Number(order.remaining) + Number(order.quantity ?? 1),
+  // A sale that wrote after its lease ran out, while another worker may have held the lease.
+  const outlived = timing.lease_until != null && Number(timing.wrote_at) > Number(timing.lease_until);
+  return saleBar(order, timing, timing.wrote_at, { outlived });
+}
+
+// A stale write the store refused: a newer lease token had claimed the count since its read.
+function refusalToBar(refusal) {
+  return saleBar(refusal, refusal, refusal.refused_at, { refused: true, newest: Number(refusal.newest) });
+}
+
+// A bar from what the store recorded of a sale: who, which worker, the count it read, and when; null if unusable.
+function saleBar(record, timing, wroteAt, marks) {
+  const quantity = Number(record.quantity ?? 1);
+  const bar = {
+    buyer: String(record.buyer),
+    pid: Number(record.worker_pid),
+    host: String(record.host ?? ""),
+    quantity,
+    countRead: Number(record.remaining) + quantity,
     startedAt: Number(timing.started_at),
     readAt: Number(timing.read_at),
-    wroteAt: Number(timing.wrote_at),
-    // A sale that wrote after its lease ran out, while another worker may have held the lease.
-    outlived: timing.lease_until != null && Number(timing.wrote_at) > Number(timing.lease_until),
-    refused: false,
-  });
-}
-
-function refusalToBar(refusal) {
-  return usableBar({
-    buyer: String(refusal.buyer),
-    pid: Number(refusal.worker_pid),
-    host: String(refusal.host ?? ""),
-    quantity: Number(refusal.quantity ?? 1),
-    countRead: Number(refusal.remaining) + Number(refusal.quantity ?? 1),
-    startedAt: Number(refusal.started_at),
-    readAt: Number(refusal.read_at),
-    wroteAt: Number(refusal.refused_at),
+    wroteAt: Number(wroteAt),
     outlived: false,
-    refused: true, // its write was refused: a newer lease token had claimed the count
-    newest: Number(refusal.newest),
-  });
-}
-
-function usableBar(bar) {
+    refused: false,
+    ...marks,
+  };
   const usable = [bar.pid, bar.countRead, bar.startedAt, bar.readAt, bar.wroteAt].every(Number.isFinite);
   return usable ? bar : null;
 }
