@@ -27,7 +27,7 @@ import psycopg
 import redis
 
 from loadtest.server import processes_in_group
-from service.lock_service import LEASE_KEY
+from service.lock_service import FENCE_KEY, LEASE_KEY
 from service.stores.postgres import CLAIM, READ
 
 HOLDER = re.compile(r"(?P<host>.+) pid (?P<pid>\d+) \w+")  # the lease's value: service/lock_service.py
@@ -35,8 +35,8 @@ TRY_EVERY_S = 0.005  # how long a holder runs between two tries to stop it
 PAUSED, READING, WRITING = "paused", "reading", "writing"
 # A worker whose last query holds one of these has read the count and works: each statement's text up to its first
 # parameter, since the server shows parameters as $1, $2, ... (a query may start with the sale's SET LOCAL).
-STATEMENTS_BEFORE_THE_WORK = tuple(statement.split("%(")[0].strip() for statement in (READ, CLAIM))
-WRITES = ("UPDATE", "INSERT")  # (a COMMIT may end its first transaction, before its claim)
+READ_STARTS, CLAIM_STARTS = (statement.split("%(")[0].strip() for statement in (READ, CLAIM))
+WRITES = ("WITH written", "UPDATE", "INSERT")  # a write, and its order, in one statement (not a claim)
 LOOK_EVERY_S = 0.001
 START_TIMEOUT_S = 20.0
 
@@ -116,6 +116,9 @@ class _Watcher:
         self.pause_s = pause_s
         self.done = stop
         self.pause: Pause | None = None
+        # The token the phase's reset left on the row (it moves the row's token on, and may give it the next grant's).
+        row = self.database.execute("SELECT fence FROM inventory WHERE id = 1").fetchone()
+        self.reset_fence = row[0] if row else None
 
     def watch(self) -> None:
         """Until the pause is done or the phase ends: find a holder that has held the lease a moment, pause it."""
@@ -164,20 +167,36 @@ class _Watcher:
             self.pause = Pause(host, pid, stopped_at, time.time())
         return where
 
+    def _newest_token(self) -> int | None:
+        """The fencing token of the newest grant: the holder's."""
+        try:
+            value = self.client.get(FENCE_KEY)
+        except redis.RedisError:
+            return None
+        return int(value) if isinstance(value, bytes) else None
+
     def _where(self, host: str, pid: int) -> str:
         """Where a stopped worker stands, by its last statement (each worker names its connections,
-        service/stores/postgres.py) and the tickets left: PAUSED when it read a count it will sell from and works."""
+        service/stores/postgres.py) and the tickets left: PAUSED when it read a count it will sell from and works.
+
+        A claim counts only if it is the holder's: the row carries the newest token, put there by a claim (not by the
+        phase's reset, which moves the row's token on, and may give it the token of the next grant). The claim of the
+        worker's previous sale, sold out right after it, stays its last statement until its next claim, and so does a
+        claim refused, for a moment. (A read is followed by the end of its transaction, whatever happens next.)
+        """
         row = self.database.execute(
-            "SELECT a.query, i.remaining FROM pg_stat_activity a, inventory i "
+            "SELECT a.query, i.remaining, i.fence FROM pg_stat_activity a, inventory i "
             "WHERE a.application_name = %s AND a.state <> 'active' "
             "ORDER BY a.state_change DESC LIMIT 1",  # its connection in use now: the last one to change
             (f"ticketlock {host} pid {pid}",),
         ).fetchone()
         if row is None or row[1] == 0:
             return WRITING  # nothing it could sell: a pause would show nothing
-        if any(statement in row[0] for statement in STATEMENTS_BEFORE_THE_WORK):
+        query = row[0]
+        claimed = row[2] == self._newest_token() and row[2] != self.reset_fence
+        if READ_STARTS in query or (CLAIM_STARTS in query and claimed):
             return PAUSED
-        return WRITING if row[0].lstrip().startswith(WRITES) else READING
+        return WRITING if query.lstrip().startswith(WRITES) and CLAIM_STARTS not in query else READING
 
 
 def _workers(masters: list[int]) -> set[int]:

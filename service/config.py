@@ -25,6 +25,7 @@ MAX_RACE_WINDOW_MS = 5_000
 MAX_TICKETS = 1_000_000_000
 MAX_LOCK_TIMEOUT_S = 20
 MIN_LEASE_MS, MAX_LEASE_MS = 10, 10_000
+MAX_BUCKETS = 1_000
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # An event-loop worker (gevent, eventlet) would block all its requests in the file lock's kernel wait.
 WORKER_CLASSES = ("sync", "gthread")
@@ -51,6 +52,7 @@ class Config:
     host_name: str
     database_timeout_s: float
     pool_size: int
+    buckets: int
     redis_url: str | None  # the lock service the lease modes hold their lease in
     lease_ms: int
 
@@ -281,6 +283,14 @@ SETTINGS = (
         4,
         whole_number(1),
         "most database connections per worker process (a sync worker uses one; `gthread` one per thread)",
+    ),
+    Setting(
+        "TICKETLOCK_BUCKETS",
+        "buckets",
+        8,
+        whole_number(1, MAX_BUCKETS),
+        f"the buckets the `buckets` mode splits the tickets into, 1..{MAX_BUCKETS} (PostgreSQL): that many buyers "
+        "can hold one at once; a reset or a switch to the mode spreads the tickets over them",
     ),
     Setting(
         "TICKETLOCK_REDIS_URL",

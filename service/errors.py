@@ -26,7 +26,9 @@ The tree::
 Two exceptions are never answered: a purchase that meets them starts again (``service/purchase.py``)::
 
     Conflict                              the count changed between the read and the write
-    └── StaleFence                        the store holds a newer fencing token than this holder's
+    ├── StaleFence                        the store holds a newer fencing token than this holder's
+    └── SettingsChanged                   a switch came before the sale's hold (``service/stores/base.py``): it
+                                          starts again at once, in the mode in force
 
 Werkzeug's own HTTP errors (unknown route, wrong method, body too large, ...) get the same JSON shape, and so
 do the requests gunicorn refuses before Flask sees them (a malformed request line, a URL over 4 KB, ...).

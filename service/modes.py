@@ -16,7 +16,17 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import Any
 
-from service.guards import AdvisoryLock, Guard, HostFileLock, Lease, Nothing, PollingFileLock, RowLock, ThreadLock
+from service.guards import (
+    AdvisoryLock,
+    BucketLock,
+    Guard,
+    HostFileLock,
+    Lease,
+    Nothing,
+    PollingFileLock,
+    RowLock,
+    ThreadLock,
+)
 from service.guards.base import Ability
 from service.guards.file_lock import POLL_INTERVAL_S
 
@@ -25,6 +35,10 @@ class Read(Enum):
     """How step 1 reads the count."""
 
     PLAIN = "the count"
+    SEEN = (
+        "the count as this worker last saw it, read afresh only when that says sold out: the conditional write "
+        "checks the count itself"
+    )
     CLAIM = "the count, claiming its row with the fencing token at once (refused if a newer token claimed it)"
     MEMORY = "the worker process's own copy of the count, loaded from the store after each reset"
 
@@ -190,7 +204,7 @@ TABLE = (
     Mode(
         "atomic",
         Nothing(),
-        Read.PLAIN,
+        Read.SEEN,
         Write.CONDITIONAL,
         Reach.EVERY_HOST,
         "one conditional UPDATE checks and decrements in a single statement: the count never goes below zero",
@@ -204,6 +218,15 @@ TABLE = (
         "unlocked's very steps in a REPEATABLE READ transaction: the database refuses the lost update and the "
         "purchase starts again",
         Isolation.REPEATABLE_READ,
+    ),
+    Mode(
+        "buckets",
+        BucketLock(),
+        Read.PLAIN,
+        Write.BLIND,
+        Reach.EVERY_HOST,
+        "each sale locks only the bucket of tickets it sells from: a mutex costs the work done while it is held; a "
+        "finer one lets more buyers through at once",
     ),
     Mode(
         "lease",

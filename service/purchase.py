@@ -7,6 +7,10 @@ optimistic version check, a repeatable-read serialization failure) raises Confli
 again afresh, in a new transaction, a bounded number of times with jitter; the order records how many attempts
 it took.
 
+A purchase starts with the settings (mode, race window) its worker saw last, and the store checks them under its
+hold against switches (``Store.begin_sale``): a switch that came first makes it start again at once, in the mode in
+force (SettingsChanged), so that no purchase reads the settings apart from its sale.
+
 A purchase has one deadline, ``TICKETLOCK_LOCK_TIMEOUT`` after it began: every attempt, every wait for a guard or
 a hold, and every pause between attempts gets the time left to it, so that waits never add up past it. The work
 of an attempt that began in time (the race window, at most 5 s) and its write may end after it; gunicorn's
@@ -29,7 +33,7 @@ from service.deadline import Deadline
 from service.errors import Conflict, SoldOut, TooManyConflicts
 from service.guards import Holding
 from service.modes import MODES, Mode
-from service.stores.base import IdempotentRequest, Inventory, Order, Store
+from service.stores.base import IdempotentRequest, Inventory, Order, RuntimeSettings, SettingsChanged, Store
 
 # Before attempt n + 1, a purchase sleeps a random time of up to BACK_OFF_S * 2**n, at most MAX_BACK_OFF_S. Measured
 # on one hot row with 12 workers (bench/RESULTS.md): shorter waits make the buyers collide again and sell less.
@@ -65,10 +69,14 @@ def purchase(store: Store, request: PurchaseRequest, config: Config) -> Purchase
     """Sell ``request.quantity`` tickets to ``request.buyer``, or raise SoldOut, LockTimeout, TooManyConflicts."""
     started_at = time.time()
     deadline = Deadline.after(config.lock_timeout_s)
+    settings = store.settings_seen()
     attempt = 1
     while True:
         try:
-            return _attempt(store, request, config, attempt, started_at, deadline)
+            return _attempt(store, request, config, settings, attempt, started_at, deadline)
+        except SettingsChanged as changed:
+            settings = changed.in_force  # no buyer collided, a switch came first: start again at once, in its mode
+            continue
         except Conflict as conflict:
             if attempt >= config.max_attempts or deadline.passed:
                 raise TooManyConflicts(
@@ -81,14 +89,19 @@ def purchase(store: Store, request: PurchaseRequest, config: Config) -> Purchase
 
 
 def _attempt(
-    store: Store, request: PurchaseRequest, config: Config, attempt: int, started_at: float, deadline: Deadline
+    store: Store,
+    request: PurchaseRequest,
+    config: Config,
+    settings: RuntimeSettings,
+    attempt: int,
+    started_at: float,
+    deadline: Deadline,
 ) -> Purchase:
     idempotent = request.idempotent()
-    settings = store.read_settings()
     mode = MODES[settings.mode]
     replayed = False
     with (
-        store.begin_sale(mode, deadline) as sale,  # the store's own hold against resets and mode switches
+        store.begin_sale(settings, request.quantity, deadline) as sale,  # the store's hold against switches
         mode.guard.held(sale, deadline.left()) as holding,  # the mode's guard, around the four steps
     ):
         if idempotent and (earlier := sale.find_replay(idempotent)):

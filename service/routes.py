@@ -76,8 +76,8 @@ def health() -> Response:
 
 @bp.get("/tickets")
 def tickets() -> Response:
-    """GET /tickets -> 200 {"event", "total", "remaining", "sold", "mode", "race_window_ms", "worker_pid", "host",
-    "store"}."""
+    """GET /tickets -> 200 {"event", "total", "remaining", "sold", "buckets", "mode", "race_window_ms", "worker_pid",
+    "host", "store"}; ``buckets``: what each bucket holds while the ``buckets`` mode splits the count (else [])."""
     store = _store()
     return jsonify(_tickets_view(store.read_inventory(), store.read_settings()))
 
@@ -195,6 +195,7 @@ def _tickets_view(inventory: Inventory, settings: RuntimeSettings) -> dict[str, 
         "total": inventory.total,
         "remaining": inventory.remaining,
         "sold": inventory.sold,
+        "buckets": list(inventory.buckets),
         "mode": settings.mode,
         "race_window_ms": settings.race_window_ms,
         "worker_pid": os.getpid(),

@@ -25,9 +25,9 @@ def test_health(client: FlaskClient) -> None:
 def test_tickets_shows_inventory_mode_and_worker(client: FlaskClient) -> None:
     body = client.get("/tickets").json
     assert list(body) == [
-        "event", "total", "remaining", "sold", "mode", "race_window_ms", "worker_pid", "host", "store"
+        "event", "total", "remaining", "sold", "buckets", "mode", "race_window_ms", "worker_pid", "host", "store"
     ]  # fmt: skip
-    assert (body["total"], body["remaining"], body["sold"], body["mode"]) == (10, 10, 0, "locked")
+    assert (body["total"], body["remaining"], body["sold"], body["buckets"], body["mode"]) == (10, 10, 0, [], "locked")
     assert (body["host"], body["store"]) == (socket.gethostname(), "file")
 
 

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,24 +18,25 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 import requests
+from flask.testing import FlaskClient
 from psycopg import sql
 
 from loadtest.checker import Outcome
 from loadtest.cluster import Cluster
+from loadtest.database_proxy import DatabaseProxy
 from loadtest.embedded import EmbeddedService
 from loadtest.postgres import ThrowawayPostgres
 from loadtest.redis_server import ThrowawayRedis
 from service import create_app, prepare_for_start
 from service.config import MAX_LOCK_TIMEOUT_S, MAX_RACE_WINDOW_MS, load_config
 from service.guards import SERVICES
-from service.modes import MODES
+from service.modes import MODES, Read
 from service.purchase import PurchaseRequest, purchase
 from service.stores.postgres import INVENTORY_LOCK, LOCK_CLASS, SWITCH_LOCK, PostgresStore
 from tests.conftest import (
@@ -141,6 +141,52 @@ def test_the_one_command_demo_starts_three_hosts_on_its_own_postgres_and_redis_a
     # Three masters, twelve workers, the database server and the lock service: all gone.
     assert len(result["service_pids"]) == 3 * 5 + 2
     assert all(not Path(f"/proc/{pid}").exists() for pid in result["service_pids"])
+
+
+# --- Round trips ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def counted(postgres: ThrowawayPostgres, redis_server: ThrowawayRedis) -> Iterator[tuple[FlaskClient, DatabaseProxy]]:
+    """The app in this process, on a database of its own reached through a proxy that counts round trips."""
+    postgres.create_database("round_trips")
+    with DatabaseProxy(postgres.socket_folder / ".s.PGSQL.5432") as proxy:
+        settings = {
+            "database_url": f"postgresql://ticketlock@{proxy.url_host}/round_trips",
+            "redis_url": redis_server.url,
+            "race_window_ms": 0,
+        }
+        prepare_for_start(settings)
+        client = create_app(settings).test_client()
+        assert client.post("/reset", json={"tickets": 1_000_000}).status_code == 200
+        yield client, proxy
+
+
+@pytest.mark.parametrize("key", [False, True], ids=["", "with an idempotency key"])
+@pytest.mark.parametrize("mode", POSTGRES_MODES)
+def test_a_purchase_takes_two_round_trips_to_the_database_and_an_atomic_one_takes_one(
+    counted: tuple[FlaskClient, DatabaseProxy], mode: str, key: bool
+) -> None:
+    client, proxy = counted
+    client.put("/mode", json={"mode": mode, "race_window_ms": 0})
+    count = iter(range(1_000_000))
+
+    def buy() -> None:
+        headers = {"Idempotency-Key": f"{mode}-{next(count)}"} if key else {}
+        assert client.post("/orders", json={"buyer": "counted"}, headers=headers).status_code == 201
+
+    for _ in range(6):
+        buy()  # the worker's settings seen, its connection, its prepared statements
+    before = proxy.turns
+    for _ in range(10):
+        buy()
+
+    # A sale's round trips: BEGIN, its hold, the settings, its guard and its read; then its write, order, key and
+    # COMMIT. A read that goes nowhere (the atomic mode's) saves the first. A key's lookup goes with the read, and
+    # takes a round trip of its own where there is none (the atomic mode's) or where the read must go alone (a claim).
+    read = MODES[mode].read
+    expected = 2 - (read is Read.SEEN) + (key and read in (Read.SEEN, Read.CLAIM))
+    assert (proxy.turns - before) / 10 == expected
 
 
 # --- Switching modes ---------------------------------------------------------------------------------------------
@@ -319,54 +365,6 @@ def _assert_answers_were_json_and_bounded(outcomes: list[Outcome]) -> None:
     assert all(outcome.error != "timeout" for outcome in outcomes)
 
 
-class StallingProxy:
-    """A TCP proxy on a loopback port to PostgreSQL's Unix socket. ``stall()`` keeps whatever arrives, either way,
-    until ``resume()``: bytes are accepted and nothing is delivered, as in a network partition or with a server
-    frozen mid-query (TCP keepalives would be answered all the same)."""
-
-    def __init__(self, socket_path: Path) -> None:
-        self.socket_path = socket_path
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url_host = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.flowing = threading.Event()
-        self.flowing.set()
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def __enter__(self) -> StallingProxy:
-        return self
-
-    def __exit__(self, *exception: object) -> None:
-        self.flowing.set()
-        for open_socket in [self.listener, *self.sockets]:
-            open_socket.close()
-
-    def stall(self) -> None:
-        self.flowing.clear()
-
-    def resume(self) -> None:
-        self.flowing.set()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            server = socket.socket(socket.AF_UNIX)
-            server.connect(str(self.socket_path))
-            self.sockets += [client, server]
-            for source, target in ((client, server), (server, client)):
-                threading.Thread(target=self._pass_on, args=(source, target), daemon=True).start()
-
-    def _pass_on(self, source: socket.socket, target: socket.socket) -> None:
-        with suppress(OSError):
-            while chunk := source.recv(65536):
-                self.flowing.wait()
-                target.sendall(chunk)
-            target.shutdown(socket.SHUT_WR)
-
-
 def _timed(send: Callable[[], requests.Response]) -> tuple[requests.Response, float]:
     started = time.monotonic()
     response = send()
@@ -379,7 +377,7 @@ def test_a_database_that_stops_answering_gets_503_within_its_timeout_and_no_work
     database_timeout_s, lock_timeout_s, worker_timeout_s = 2, 1, 10  # the worker timeout must exceed 1 + 5 + 2 s
     name = "silent_database"
     postgres.create_database(name)
-    with StallingProxy(postgres.socket_folder / ".s.PGSQL.5432") as proxy:
+    with DatabaseProxy(postgres.socket_folder / ".s.PGSQL.5432") as proxy:
         settings = {
             "TICKETLOCK_DATABASE_URL": f"postgresql://ticketlock@{proxy.url_host}/{name}",
             "TICKETLOCK_DATABASE_TIMEOUT": str(database_timeout_s),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -21,10 +22,11 @@ from loadtest.redis_server import ThrowawayRedis
 from service.config import load_config
 from service.deadline import Deadline
 from service.errors import Conflict, IdempotencyKeyReused, SoldOut, StaleFence
-from service.guards import Holding
+from service.guards import Ability, Holding
 from service.modes import MODES, TABLE, Feature, Mode, Read, Write
 from service.purchase import PurchaseRequest, purchase
-from service.stores import STORES, Inventory, Order, Store
+from service.stores import STORES, Inventory, Order, RuntimeSettings, Store
+from service.stores.base import Sale
 from tests.conftest import release_together
 
 WINDOW_MS = 150  # long enough that concurrent sales surely overlap in their race windows
@@ -195,7 +197,7 @@ def test_a_version_checked_write_refuses_a_count_that_moved_since_the_read(store
     optimistic = MODES["optimistic"]
     store.change_settings({"mode": optimistic.name})
 
-    with store.begin_sale(optimistic, _deadline(store)) as sale:
+    with _begin(store, optimistic) as sale:
         before = sale.read(Read.PLAIN, holding := Holding())
         _in_another_thread(lambda: _write_blind(store, optimistic))
         with pytest.raises(Conflict):
@@ -210,7 +212,7 @@ def test_a_conditional_write_never_sells_what_another_sale_took_since_the_read(s
     store.reset(tickets=1, event=None)
     store.change_settings({"mode": atomic.name})
 
-    with store.begin_sale(atomic, _deadline(store)) as sale:
+    with _begin(store, atomic) as sale:
         before = sale.read(Read.PLAIN, holding := Holding())
         _in_another_thread(lambda: _write_blind(store, atomic))
         with pytest.raises(SoldOut):
@@ -225,7 +227,7 @@ def test_a_fenced_write_is_refused_once_a_newer_token_claimed_the_count(store: S
     store.change_settings({"mode": fenced.name})
     older, newer = Holding(fence=time.time_ns()), Holding(fence=time.time_ns() + 1)
 
-    with store.begin_sale(fenced, _deadline(store)) as sale:
+    with _begin(store, fenced) as sale:
         before = sale.read(Read.CLAIM, older)
         _in_another_thread(lambda: _sell(store, fenced, newer))  # a newer holder claims, and sells
         with pytest.raises(StaleFence) as refused:
@@ -234,7 +236,7 @@ def test_a_fenced_write_is_refused_once_a_newer_token_claimed_the_count(store: S
     assert refused.value.newest == newer.fence
     assert store.read_inventory().remaining == 9
     assert [(refusal["buyer"], refusal["fence"]) for refusal in store.refusals()] == [("stale", older.fence)]
-    with store.begin_sale(fenced, _deadline(store)) as sale, pytest.raises(StaleFence):
+    with _begin(store, fenced) as sale, pytest.raises(StaleFence):
         sale.read(Read.CLAIM, older)  # and an older token cannot claim it again
 
 
@@ -244,7 +246,7 @@ def test_a_reset_waits_for_the_sales_in_flight(store: Store) -> None:
     in_window = threading.Event()
 
     def slow_sale() -> None:
-        with store.begin_sale(unlocked, _deadline(store)) as sale:
+        with _begin(store, unlocked) as sale:
             before = sale.read(Read.PLAIN, holding := Holding())
             in_window.set()
             time.sleep(WINDOW_MS / 1000)
@@ -259,6 +261,74 @@ def test_a_reset_waits_for_the_sales_in_flight(store: Store) -> None:
     # The straggler wrote before the reset, never after it: the reset's count stands.
     assert store.read_inventory() == fresh
     assert store.orders_page(limit=10, offset=0) == (0, [])
+
+
+# --- The count split into buckets ------------------------------------------------------------------------------
+
+
+def test_buckets_hold_the_tickets_between_them_and_a_reset_spreads_them(store: Store) -> None:
+    needs(store, Ability.BUCKETS)
+    store.change_settings({"mode": "buckets"})
+
+    fresh = store.reset(tickets=20, event=None)
+
+    assert len(fresh.buckets) == store.config.buckets == 8
+    assert (fresh.remaining, sum(fresh.buckets), max(fresh.buckets) - min(fresh.buckets)) == (20, 20, 1)
+    assert store.read_inventory() == fresh
+
+
+def test_a_switch_to_and_from_buckets_keeps_the_count(store: Store) -> None:
+    needs(store, Ability.BUCKETS)
+    buy(store, "locked", quantity=3)
+
+    store.change_settings({"mode": "buckets"})
+    in_buckets = store.read_inventory()
+    buy(store, "buckets", quantity=2)
+    store.change_settings({"mode": "row-lock"})
+    back = store.read_inventory()
+    buy(store, "row-lock")
+
+    assert (in_buckets.remaining, sum(in_buckets.buckets), len(in_buckets.buckets)) == (7, 7, 8)
+    assert (back.remaining, back.buckets) == (5, ())
+    assert store.read_inventory().remaining == 4
+    assert sum(order["quantity"] for order in store.orders_page(limit=10, offset=0)[1]) == 6
+
+
+def test_a_quantity_larger_than_any_one_bucket_sells_while_the_buckets_together_hold_it(store: Store) -> None:
+    needs(store, Ability.BUCKETS)
+    store.change_settings({"mode": "buckets"})
+    store.reset(tickets=10, event=None)  # 2, 2, 1, 1, 1, 1, 1, 1
+
+    order = buy(store, "buckets", quantity=5)
+    with pytest.raises(SoldOut):
+        buy(store, "buckets", quantity=6)
+    last = buy(store, "buckets", quantity=5)
+
+    assert (order["remaining"], last["remaining"]) == (5, 0)
+    assert store.read_inventory().buckets == (0,) * 8
+
+
+def test_no_ticket_is_stranded_in_a_busy_bucket(store: Store) -> None:
+    # One ticket, in one bucket. A sale holds that bucket and rolls back; a buyer who found it busy meanwhile must
+    # get the ticket, never "sold out" from an empty skip.
+    needs(store, Ability.BUCKETS)
+    store.change_settings({"mode": "buckets"})
+    store.reset(tickets=1, event=None)
+    buckets = MODES["buckets"]
+    waiting: list[Order] = []
+
+    with _begin(store, buckets) as sale, buckets.guard.held(sale, 5) as holding:
+        assert sale.read(buckets.read, holding).remaining == 1
+        patient = PurchaseRequest("patient", 1)
+        buyer = threading.Thread(target=lambda: waiting.append(purchase(store, patient, store.config).order))
+        buyer.start()
+        time.sleep(WINDOW_MS / 1000)  # the buyer finds the one bucket with a ticket busy, and waits for it
+    buyer.join(timeout=10)  # the sale above ended without writing: rolled back
+
+    assert [order["buyer"] for order in waiting] == ["patient"]
+    assert store.read_inventory().remaining == 0
+    with pytest.raises(SoldOut):
+        buy(store, "buckets")  # and now, every bucket checked, none has one
 
 
 # --- Helpers --------------------------------------------------------------------------------------------------
@@ -295,21 +365,22 @@ def _in_another_thread(action: Callable[[], None]) -> None:
 def _write_blind(store: Store, mode: Mode) -> None:
     """A whole sale of one ticket that writes the count read minus one, whatever the mode's own write is (no guard
     is taken: these tests race on purpose)."""
-    with store.begin_sale(mode, _deadline(store)) as sale:
+    with _begin(store, mode) as sale:
         before = sale.read(Read.PLAIN, holding := Holding())
         sale.write(Write.BLIND, before, _order(before, "meddler"), None, holding)
 
 
 def _sell(store: Store, mode: Mode, holding: Holding) -> None:
     """A whole sale of one ticket in ``mode``'s own read and write, as a guard that handed out ``holding`` would."""
-    with store.begin_sale(mode, _deadline(store)) as sale:
+    with _begin(store, mode) as sale:
         before = sale.read(mode.read, holding)
         sale.write(mode.write, before, _order(before, "newer", holding), None, holding)
 
 
-def _deadline(store: Store) -> Deadline:
-    """A sale's deadline, as ``purchase`` sets it."""
-    return Deadline.after(store.config.lock_timeout_s)
+def _begin(store: Store, mode: Mode) -> AbstractContextManager[Sale]:
+    """A sale of one ticket in ``mode`` (the mode in force), with a deadline as ``purchase`` sets it."""
+    settings = RuntimeSettings(mode.name, store.read_settings().race_window_ms)
+    return store.begin_sale(settings, 1, Deadline.after(store.config.lock_timeout_s))
 
 
 def _order(before: Inventory, buyer: str, holding: Holding | None = None) -> Order:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from service.guards.advisory import AdvisoryLock
 from service.guards.base import NOTHING_SOLD, SERVICES, Ability, Guard, GuardedSale, Holding
+from service.guards.bucket import BucketLock
 from service.guards.file_lock import PollingFileLock
 from service.guards.host_file import HostFileLock
 from service.guards.lease import Lease
@@ -16,6 +17,7 @@ __all__ = [
     "SERVICES",
     "Ability",
     "AdvisoryLock",
+    "BucketLock",
     "Guard",
     "GuardedSale",
     "Holding",

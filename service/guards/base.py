@@ -30,6 +30,7 @@ class Ability(Enum):
 
     ADVISORY_LOCKS = "named mutexes held until the transaction ends"
     ROW_LOCKS = "row locks held until the transaction ends"
+    BUCKETS = "the count split into buckets, each with a lock of its own, one taken without waiting behind a busy one"
     LOCK_SERVICE = "a lock service to hold leases in (TICKETLOCK_REDIS_URL)"
 
 
@@ -53,6 +54,10 @@ class GuardedSale(Protocol):
 
     def lock_inventory_row(self) -> None:
         """Lock the inventory's row until the sale commits (ROW_LOCKS)."""
+
+    def lock_a_bucket(self) -> None:
+        """Lock, until the sale commits, a bucket that holds the sale's tickets and that no other sale holds; or wait
+        for one; or every bucket, for a quantity no bucket holds alone (BUCKETS). The sale's count is then theirs."""
 
     def lock_service(self) -> LockService:
         """This worker's way to the lock service (LOCK_SERVICE)."""

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 from service.config import Config, ConfigError
 from service.deadline import Deadline
+from service.errors import Conflict
 from service.guards import SERVICES, Ability, GuardedSale, Holding
 from service.lock_service import LockService, lock_service_for
 from service.modes import MODES, TABLE, Feature, Mode, Read, Write
@@ -30,12 +31,17 @@ Order = dict[str, Any]
 
 @dataclass(frozen=True)
 class Inventory:
-    """How many tickets the event has and how many are left; ``version`` changes with every write and reset."""
+    """How many tickets the event has and how many are left; ``version`` changes with every write and reset.
+
+    ``buckets``: what each bucket holds, where the count is split into buckets (the ``buckets`` mode); ``remaining``
+    is then their sum.
+    """
 
     event: str
     total: int
     remaining: int
     version: int = 0
+    buckets: tuple[int, ...] = ()
 
     @classmethod
     def full(cls, event: str, total: int, version: int = 0) -> Inventory:
@@ -59,6 +65,15 @@ class RuntimeSettings:
     def configured(cls, config: Config) -> RuntimeSettings:
         """The settings the configuration starts a new store with."""
         return cls(mode=config.mode, race_window_ms=config.race_window_ms)
+
+
+class SettingsChanged(Conflict):
+    """A switch came before the sale's hold: the settings in force are not the ones the sale began with, and it
+    wrote nothing. The purchase starts again at once with ``in_force``."""
+
+    def __init__(self, in_force: RuntimeSettings) -> None:
+        super().__init__(f"the settings changed to {in_force}")
+        self.in_force = in_force
 
 
 def settings_with(current: RuntimeSettings, change: Mapping[str, Any]) -> RuntimeSettings:
@@ -103,8 +118,11 @@ class Sale(GuardedSale, ABC):
     keeps the modes that would ask for them away.
     """
 
-    def __init__(self, store: Store, deadline: Deadline) -> None:
+    def __init__(self, store: Store, settings: RuntimeSettings, quantity: int, deadline: Deadline) -> None:
         self.store = store
+        self.settings = settings  # what the sale began with, checked under the store's hold
+        self.mode = MODES[settings.mode]
+        self.quantity = quantity  # the tickets it sells
         self.deadline = deadline  # the purchase's: every wait of the sale gets the time left to it
 
     @property
@@ -120,6 +138,9 @@ class Sale(GuardedSale, ABC):
 
     def lock_inventory_row(self) -> None:
         raise NotImplementedError(f"the {self.store.kind} store has no row locks")
+
+    def lock_a_bucket(self) -> None:
+        raise NotImplementedError(f"the {self.store.kind} store has no buckets")
 
     def lock_service(self) -> LockService:
         return self.store.lock_service()
@@ -170,6 +191,7 @@ class Store(ABC):
         self.config = config
         # What the configuration adds to what the store itself can do: a lock service, if it names one.
         self.services = SERVICES if config.redis_url else frozenset()
+        self.seen: RuntimeSettings | None = None  # the settings in force when this worker last looked
         if not self.runs(MODES[config.mode]):
             names = ", ".join(mode.name for mode in self.available_modes())
             raise ConfigError(
@@ -234,6 +256,20 @@ class Store(ABC):
     def change_settings(self, change: Mapping[str, Any]) -> RuntimeSettings:
         """Apply ``{"mode"?, "race_window_ms"?}`` for every worker; a purchase never undoes it."""
 
+    def settings_seen(self) -> RuntimeSettings:
+        """The settings a purchase starts with: those in force when this worker last looked (read now, the first
+        time). A guess, which the sale checks under the store's hold (``check_in_force``)."""
+        if self.seen is None:
+            self.seen = self.read_settings()
+        return self.seen
+
+    def check_in_force(self, began_with: RuntimeSettings, in_force: RuntimeSettings) -> None:
+        """Note the settings a sale found in force under the store's hold; SettingsChanged unless they are the ones
+        it ``began_with``."""
+        self.seen = in_force
+        if in_force != began_with:
+            raise SettingsChanged(in_force)
+
     # --- Inventory and orders ----------------------------------------------------------------------------------
 
     @abstractmethod
@@ -265,11 +301,13 @@ class Store(ABC):
     # --- Purchases ---------------------------------------------------------------------------------------------
 
     @abstractmethod
-    def begin_sale(self, mode: Mode, deadline: Deadline) -> AbstractContextManager[Sale]:
-        """A sale in ``mode``, inside the store's own hold against resets and mode switches; done when it ends.
+    def begin_sale(self, settings: RuntimeSettings, quantity: int, deadline: Deadline) -> AbstractContextManager[Sale]:
+        """A sale of ``quantity`` tickets with ``settings``, inside the store's own hold against resets and mode
+        switches; done when it ends.
 
-        Raises LockTimeout when that hold stays busy past the purchase's ``deadline``, Conflict when the mode
-        changed before the hold was granted, StoreUnavailable when the store cannot be reached.
+        Raises LockTimeout when that hold stays busy past the purchase's ``deadline``, SettingsChanged when a switch
+        came before the hold was granted (a store may find out at the sale's first statement instead of here),
+        StoreUnavailable when the store cannot be reached.
         """
 
     def make_durable(self, order: Order, request: IdempotentRequest | None) -> None:  # noqa: B027 - optional hook

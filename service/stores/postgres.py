@@ -4,14 +4,17 @@ Chosen by a ``postgresql://`` URL in ``TICKETLOCK_DATABASE_URL``. Each worker pr
 pool on first use, after gunicorn forked it (a pool made in the master would hand every worker the same
 sockets). Plain SQL, one short named statement per step, parameters always bound.
 
-A sale is one transaction: BEGIN, the hold against mode switches, the mode's guard, read, work, write,
-record the order, COMMIT; the 201 goes out only after the commit. Every sale holds a *shared* advisory lock,
-and ``PUT /mode`` and ``POST /reset`` take it *exclusively*: a switch waits for the sales in flight, and a sale
-that began before a switch finds out (the mode it reads under the hold is not its own) and starts again in the
-new mode. No straggler of an unsafe mode can write after a safe mode took over.
+A sale is one transaction: BEGIN, the hold against mode switches, the mode's guard, read, work, write, record the
+order, COMMIT; the 201 goes out only after the commit. Every sale holds a *shared* advisory lock, and ``PUT /mode``
+and ``POST /reset`` take it *exclusively*: a switch waits for the sales in flight, and a sale that began before a
+switch finds out (the settings it reads under the hold are not its own) and starts again in the new mode. No
+straggler of an unsafe mode can write after a safe mode took over.
 
-The database's guards (``service/guards/``) ask the sale for its advisory lock or its row lock; the sale sends
-that statement together with the read, in one round trip.
+A sale's statements go in round trips of several statements each (psycopg's pipeline mode): the first carries the
+BEGIN, the hold, the settings in force, the guard's statement (``service/guards/``: the advisory lock, the row
+lock, a bucket) and the read; the second the write, the order, the key and COMMIT. The ``atomic`` mode's
+conditional write needs no read before it: its sale is one round trip. The round trips are counted from the
+database's side by a test (``loadtest/database_proxy.py``).
 
 Every wait is bounded: ``lock_timeout`` and ``statement_timeout`` end a purchase that waited too long for a
 lock (503 lock_timeout, nothing sold) and ``idle_in_transaction_session_timeout`` ends the transaction of a
@@ -29,13 +32,14 @@ import logging
 import math
 import os
 import select
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, ClassVar
+from dataclasses import replace
+from typing import Any, ClassVar, NoReturn
 
 import psycopg
-from psycopg import errors, sql
+from psycopg import errors
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -45,6 +49,7 @@ from service.errors import (
     Conflict,
     IdempotencyKeyReused,
     LockTimeout,
+    LockUnavailable,
     OutcomeUnknown,
     SoldOut,
     StaleFence,
@@ -52,7 +57,7 @@ from service.errors import (
     StoreUnavailable,
 )
 from service.guards import NOTHING_SOLD, Ability, Holding
-from service.modes import Feature, Isolation, Mode, Read, Write
+from service.modes import MODES, Feature, Isolation, Mode, Read, Write
 from service.stores.base import (
     Feed,
     IdempotentRequest,
@@ -126,6 +131,11 @@ CREATE TABLE IF NOT EXISTS refusals (
     refused_at  double precision NOT NULL,
     lease_until double precision
 );
+-- The buckets mode's buckets, which hold the count between them while that mode is in force.
+CREATE TABLE IF NOT EXISTS buckets (
+    id          integer PRIMARY KEY,
+    remaining   bigint  NOT NULL CHECK (remaining >= 0)
+);
 CREATE TABLE IF NOT EXISTS idempotency_keys (
     key_digest  text PRIMARY KEY,
     fingerprint text NOT NULL,
@@ -146,47 +156,111 @@ INSERT INTO settings (id, mode, race_window_ms) VALUES (1, %(mode)s, %(race_wind
 ON CONFLICT (id) DO NOTHING"""
 
 # --- A purchase, step by step ----------------------------------------------------------------------------------
+#
+# A sale sends its statements in two round trips (psycopg's pipeline mode: several statements, one wait for their
+# answers): BEGIN, the hold against switches, the settings in force, its guard's statement and its read; then its
+# write, its order, its key and COMMIT. A sale whose write needs no read (the conditional write) sends one.
 
 BEGIN = {
     Isolation.READ_COMMITTED: "BEGIN ISOLATION LEVEL READ COMMITTED",
     Isolation.REPEATABLE_READ: "BEGIN ISOLATION LEVEL REPEATABLE READ",
 }
 HOLD_AGAINST_SWITCHES = f"SELECT pg_advisory_xact_lock_shared({LOCK_CLASS}, {SWITCH_LOCK})"
-MODE_IN_FORCE = "SELECT mode FROM settings WHERE id = 1"
-# A purchase's lock waits end at its deadline: this goes first in each round trip that may wait for a lock, with
-# the milliseconds left (a literal: SET takes no bound parameters), and lasts until the transaction ends.
-LOCK_WAITS_UNTIL = "SET LOCAL lock_timeout = {}"
+READ_SETTINGS = "SELECT mode, race_window_ms FROM settings WHERE id = 1"
+# Each statement of a read-committed transaction takes its own snapshot: the settings are read once the hold is
+# granted, so a switch that committed while the sale waited for it is seen.
+HOLD_AND_SETTINGS = [(HOLD_AGAINST_SWITCHES, None), (READ_SETTINGS, None)]
+# A purchase's lock waits end at its deadline. lock_timeout bounds one wait, and one round trip may wait twice (for
+# the hold, then for the guard): this sets it, for the rest of the transaction, to what is left of the deadline, given
+# in milliseconds after the transaction began and counted on the server's clock. It goes before each statement that
+# may wait.
+LOCK_WAITS_UNTIL = """
+SELECT set_config(
+    'lock_timeout',
+    greatest(1, %s - 1000 * extract(epoch FROM clock_timestamp() - transaction_timestamp()))::bigint::text,
+    true
+)"""
 TAKE_ADVISORY_LOCK = f"SELECT pg_advisory_xact_lock({LOCK_CLASS}, {INVENTORY_LOCK})"
-
-READ = "SELECT event, total, remaining, version FROM inventory WHERE id = 1"
 LOCK_ROW = "SELECT 1 FROM inventory WHERE id = 1 FOR UPDATE"
 
-WRITE_BLIND = "UPDATE inventory SET remaining = %(remaining)s, version = version + 1 WHERE id = 1"
-WRITE_IF_VERSION = WRITE_BLIND + " AND version = %(version)s"
+READ = "SELECT event, total, remaining, version FROM inventory WHERE id = 1"
+# The count with its buckets: the row's and the buckets' together (one of the two holds it: ``_place_the_count``).
+READ_WITH_BUCKETS = """
+SELECT event, total, remaining + coalesce((SELECT sum(remaining) FROM buckets), 0)::bigint, version,
+       coalesce((SELECT array_agg(remaining ORDER BY id) FROM buckets), '{}')
+FROM inventory WHERE id = 1"""
+# The buckets mode's guard: a bucket holding the quantity that no other sale holds; if every such bucket is busy,
+# one of them, waited for; if none holds the quantity alone, every bucket with tickets (always in the same order,
+# so two such sales never wait for each other in a circle).
+TAKE_A_FREE_BUCKET = """
+SELECT id, remaining FROM buckets WHERE remaining >= %(quantity)s
+ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED"""
+WAIT_FOR_A_BUCKET = """
+SELECT id, remaining FROM buckets WHERE remaining >= %(quantity)s
+ORDER BY random() LIMIT 1 FOR UPDATE"""
+TAKE_EVERY_BUCKET = "SELECT id, remaining FROM buckets WHERE remaining > 0 ORDER BY id FOR UPDATE"
+
 # Fencing: the read claims the row with the lease's token, and the write goes only where the row still carries it.
 CLAIM = """
 UPDATE inventory SET fence = %(fence)s WHERE id = 1 AND fence < %(fence)s
 RETURNING event, total, remaining, version"""
-WRITE_FENCED = WRITE_BLIND + " AND fence = %(fence)s"
 NEWEST_FENCE = "SELECT fence FROM inventory WHERE id = 1"
-RECORD_REFUSAL = """
-INSERT INTO refusals (buyer, quantity, remaining, fence, newest, worker_pid, host, started_at, read_at, refused_at,
-                      lease_until)
-VALUES (%(buyer)s, %(quantity)s, %(remaining)s, %(fence)s, %(newest)s, %(worker_pid)s, %(host)s, %(started_at)s,
-        %(read_at)s, %(refused_at)s, %(lease_until)s)"""
-WRITE_IF_ENOUGH = """
+
+# Step 4. Each write changes the count only while the sale's mode is in force (a sale that begins its transaction
+# at its write learns there whether a switch came first) and returns the count it left; the order is recorded in
+# the same statement, only if the write was made. So the write, the order, the key and COMMIT go in one round trip.
+WHILE_IN_FORCE = "EXISTS (SELECT FROM settings WHERE id = 1 AND mode = %(sale_mode)s)"
+WRITE_BLIND = f"UPDATE inventory SET remaining = %(remaining)s, version = version + 1 WHERE id = 1 AND {WHILE_IN_FORCE}"
+WRITE_IF_VERSION = WRITE_BLIND + " AND version = %(version)s"
+WRITE_FENCED = WRITE_BLIND + " AND fence = %(fence)s"
+WRITE_IF_ENOUGH = f"""
 UPDATE inventory SET remaining = remaining - %(quantity)s, version = version + 1
-WHERE id = 1 AND remaining >= %(quantity)s
-RETURNING remaining"""
-# Every order is inserted while its transaction holds the inventory row's lock (each write above takes it, and
-# the memory mode, which writes no count, takes it with LOCK_ROW): orders therefore commit in the order of their seq,
-# and a live view that asks for "the orders after seq N" never skips one that commits late.
-INSERT_ORDER = """
+WHERE id = 1 AND remaining >= %(quantity)s AND {WHILE_IN_FORCE}"""
+# The memory mode writes no count: it records its order under the row's lock, with its worker's copy of the count.
+WRITE_NOTHING = f"SELECT %(remaining)s::bigint AS remaining FROM inventory WHERE id = 1 AND {WHILE_IN_FORCE} FOR UPDATE"
+# The buckets mode writes the buckets its guard holds, each less what the sale takes from it.
+WRITE_BUCKETS = f"""
+UPDATE buckets SET remaining = buckets.remaining - taken.quantity
+FROM unnest(%(bucket_ids)s::integer[], %(bucket_quantities)s::bigint[]) AS taken (id, quantity)
+WHERE buckets.id = taken.id AND {WHILE_IN_FORCE}
+RETURNING %(remaining)s::bigint AS remaining"""
+RETURNING_REMAINING = " RETURNING remaining"
+# Every order is inserted while its transaction holds the inventory row's lock (each write of the row takes it; the
+# memory mode's takes it without writing; the buckets mode's takes it with LOCK_ROW, before): orders therefore commit
+# in the order of their seq, and a live view that asks for "the orders after seq N" never skips one that commits late.
+RECORD_ORDER = """
 INSERT INTO orders (order_id, buyer, quantity, remaining, mode, attempts, worker_pid, host,
                     started_at, read_at, wrote_at, fence, lease_until)
-VALUES (%(order_id)s, %(buyer)s, %(quantity)s, %(remaining)s, %(mode)s, %(attempts)s, %(worker_pid)s, %(host)s,
-        %(started_at)s, %(read_at)s, %(wrote_at)s, %(fence)s, %(lease_until)s)"""
-INSERT_KEY = "INSERT INTO idempotency_keys (key_digest, fingerprint, order_id) VALUES (%s, %s, %s)"
+SELECT %(order_id)s, %(buyer)s, %(quantity)s, written.remaining, %(mode)s, %(attempts)s, %(worker_pid)s, %(host)s,
+       %(started_at)s, %(read_at)s, %(wrote_at)s, %(fence)s::bigint, %(lease_until)s::double precision
+FROM written LIMIT 1
+RETURNING remaining"""
+
+
+def _recorded_if_written(write: str) -> str:
+    """One statement: ``write``, and the order recorded if it wrote (a write returns the count it left)."""
+    return f"WITH written AS ({write}){RECORD_ORDER}"
+
+
+WRITE_AND_RECORD = {
+    Write.BLIND: _recorded_if_written(WRITE_BLIND + RETURNING_REMAINING),
+    Write.IF_VERSION: _recorded_if_written(WRITE_IF_VERSION + RETURNING_REMAINING),
+    Write.CONDITIONAL: _recorded_if_written(WRITE_IF_ENOUGH + RETURNING_REMAINING),
+    Write.FENCED: _recorded_if_written(WRITE_FENCED + RETURNING_REMAINING),
+    Write.MEMORY: _recorded_if_written(WRITE_NOTHING),
+}
+WRITE_BUCKETS_AND_RECORD = _recorded_if_written(WRITE_BUCKETS)
+RECORD_KEY = """
+INSERT INTO idempotency_keys (key_digest, fingerprint, order_id)
+SELECT %s, %s, order_id FROM orders WHERE order_id = %s"""
+# A fenced write that found a newer token on the row is recorded as refused, with that token.
+RECORD_REFUSAL_IF_STALE = """
+INSERT INTO refusals (buyer, quantity, remaining, fence, newest, worker_pid, host, started_at, read_at, refused_at,
+                      lease_until)
+SELECT %(buyer)s, %(quantity)s, %(remaining)s, %(fence)s, fence, %(worker_pid)s, %(host)s, %(started_at)s,
+       %(read_at)s, %(wrote_at)s, %(lease_until)s::double precision
+FROM inventory WHERE id = 1 AND fence <> %(fence)s
+RETURNING newest"""
 COMMIT = "COMMIT"
 ROLLBACK = "ROLLBACK"
 
@@ -200,7 +274,6 @@ FROM idempotency_keys k JOIN orders o USING (order_id) WHERE k.key_digest = %s""
 
 # --- Settings, resets and reading ------------------------------------------------------------------------------
 
-READ_SETTINGS = "SELECT mode, race_window_ms FROM settings WHERE id = 1"
 TAKE_SWITCH_LOCK = f"SELECT pg_advisory_xact_lock({LOCK_CLASS}, {SWITCH_LOCK})"
 WRITE_SETTINGS = """
 INSERT INTO settings (id, mode, race_window_ms) VALUES (1, %(mode)s, %(race_window_ms)s)
@@ -216,6 +289,18 @@ ON CONFLICT (id) DO UPDATE SET event = excluded.event, total = excluded.total, r
                                version = inventory.version + 1, generation = md5(random()::text),
                                fence = inventory.fence + 1
 RETURNING event, total, remaining, version"""
+# Where the count lives: in the inventory row, or, while the buckets mode is in force, spread over the buckets
+# (which exist only then). A switch or a reset moves it, with no sale in flight (``_place_the_count``).
+COUNT_IN_BUCKETS = "SELECT EXISTS (SELECT FROM buckets)"
+GATHER_THE_BUCKETS = """
+UPDATE inventory SET remaining = remaining + (SELECT sum(remaining) FROM buckets)::bigint, version = version + 1
+WHERE id = 1 AND EXISTS (SELECT FROM buckets)"""
+CLEAR_BUCKETS = "DELETE FROM buckets"
+SPREAD_OVER_BUCKETS = """
+INSERT INTO buckets (id, remaining)
+SELECT n, remaining / %(buckets)s + (n <= remaining %% %(buckets)s)::integer
+FROM inventory, generate_series(1, %(buckets)s::integer) AS n WHERE inventory.id = 1"""
+EMPTY_THE_ROW = "UPDATE inventory SET remaining = 0, version = version + 1 WHERE id = 1"
 COUNT_ORDERS = "SELECT count(*) AS count FROM orders"
 REFUSALS = """
 SELECT buyer, quantity, remaining, fence, newest, worker_pid, host, started_at, read_at, refused_at, lease_until
@@ -239,7 +324,7 @@ class PostgresStore(Store):
 
     kind = "postgres"
     features: ClassVar[frozenset[Feature]] = frozenset(
-        {Ability.ADVISORY_LOCKS, Ability.ROW_LOCKS, *Read, *Write, *Isolation}
+        {Ability.ADVISORY_LOCKS, Ability.ROW_LOCKS, Ability.BUCKETS, *Read, *Write, *Isolation}
     )
 
     def __init__(self, config: Config) -> None:
@@ -249,8 +334,12 @@ class PostgresStore(Store):
         self.timeout_s = config.database_timeout_s
         lock_ms = round(config.lock_timeout_s * 1000)
         self.tables_ready = False  # per worker process: this object is made in each worker (or copied at fork)
+        self.count_seen: Inventory | None = None  # the count this worker read or wrote last (Read.SEEN)
         self.connection_options = {
             "autocommit": True,  # transactions are the explicit BEGIN ... COMMIT of each operation
+            # No statement prepared by psycopg: it forgets them all at every ROLLBACK (a sale sold out, a conflict) and
+            # then deallocates them (a round trip more), and in pipeline mode it can lose track of one it prepared.
+            "prepare_threshold": None,
             "connect_timeout": max(2, math.ceil(config.database_timeout_s)),  # libpq's minimum is 2 s
             "application_name": f"ticketlock {config.host_name} master",
             # A sale may wait for a guard of the host (the file lock, the thread lock) inside its transaction.
@@ -275,12 +364,32 @@ class PostgresStore(Store):
             connection.execute(CREATE_TABLES)
             connection.execute(CREATE_INVENTORY, {"event": self.config.event, "total": self.config.tickets})
             connection.execute(CREATE_SETTINGS, vars(RuntimeSettings.configured(self.config)))
+            settings = connection.execute(READ_SETTINGS).fetchone()
+            if settings and settings[0] in MODES and self._misplaced(connection, MODES[settings[0]]):
+                connection.execute(TAKE_SWITCH_LOCK)  # a store made in the buckets mode: no sale in flight
+                self._place_the_count(connection, MODES[settings[0]])
+
+    def _misplaced(self, connection: psycopg.Connection[Any], mode: Mode) -> bool:
+        """Whether the count is not where ``mode`` sells from: the inventory row, or the buckets."""
+        row = connection.execute(COUNT_IN_BUCKETS).fetchone()
+        return _sells_from_buckets(mode) != bool(row and row[0])
+
+    def _place_the_count(self, connection: psycopg.Connection[Any], mode: Mode) -> None:
+        """Put the count where ``mode`` sells from, unless it is there: in the inventory row, or spread evenly over
+        TICKETLOCK_BUCKETS buckets. Only while no sale is in flight: under the switch lock, taken exclusively."""
+        if not self._misplaced(connection, mode):
+            return
+        connection.execute(GATHER_THE_BUCKETS)
+        connection.execute(CLEAR_BUCKETS)
+        if _sells_from_buckets(mode):
+            connection.execute(SPREAD_OVER_BUCKETS, {"buckets": self.config.buckets})
+            connection.execute(EMPTY_THE_ROW)
 
     def check(self) -> None:
         """A round trip to the database that finds its settings and inventory rows."""
         with self._connection() as connection:
             self._settings(connection.execute(READ_SETTINGS).fetchone())
-            self._inventory(connection.execute(READ).fetchone())
+            self._inventory(connection.execute(READ_WITH_BUCKETS).fetchone())
 
     def _unreachable(
         self, error: BaseException, advice: str = "nothing was sold or changed; retry shortly"
@@ -374,28 +483,39 @@ class PostgresStore(Store):
             return RuntimeSettings.configured(self.config)
 
     def _inventory(self, row: Any) -> Inventory:
+        row = self._inventory_row(row)
+        event, total, remaining, version, *buckets = row  # and what each bucket holds, where it was asked for
+        return Inventory(event, total, remaining, version, tuple(buckets[0]) if buckets else ())
+
+    def _inventory_row(self, row: Any) -> Any:
+        """A row read from the inventory; StoreDamaged if there was none."""
         if row is None:
-            raise StoreDamaged(
-                f"The inventory row of {self.config.masked_database_url} is missing. It is never made again with every "
-                "ticket for sale while orders are recorded (they would be sold twice): POST /reset makes it again, "
-                "and clears every order."
-            )
-        event, total, remaining, version = row
-        return Inventory(event=event, total=total, remaining=remaining, version=version)
+            raise self._missing_inventory()
+        return row
+
+    def _missing_inventory(self) -> StoreDamaged:
+        return StoreDamaged(
+            f"The inventory row of {self.config.masked_database_url} is missing. It is never made again with every "
+            "ticket for sale while orders are recorded (they would be sold twice): POST /reset makes it again, "
+            "and clears every order."
+        )
 
     def change_settings(self, change: Mapping[str, Any]) -> RuntimeSettings:
-        """Wait for every purchase in flight, on every host, then switch (writing a missing settings row again)."""
+        """Wait for every purchase in flight, on every host, then switch (writing a missing settings row again), and
+        put the count where the new mode sells from."""
         with self._connection(waits_s=self.config.lock_timeout_s) as connection, connection.transaction():
             connection.execute(TAKE_SWITCH_LOCK)
             settings = settings_with(self._settings_or_configured(connection), change)
             connection.execute(WRITE_SETTINGS, vars(settings))
+            self._place_the_count(connection, MODES[settings.mode])
+        self.seen = settings
         return settings
 
     # --- Inventory and orders -------------------------------------------------------------------------------------
 
     def read_inventory(self) -> Inventory:
         with self._connection() as connection:
-            return self._inventory(connection.execute(READ).fetchone())
+            return self._inventory(connection.execute(READ_WITH_BUCKETS).fetchone())
 
     def reset(self, tickets: int | None, event: str | None) -> Inventory:
         """With no purchase in flight on any host: no orders, no keys, the count restored, a new generation.
@@ -404,12 +524,17 @@ class PostgresStore(Store):
         """
         with self._connection(waits_s=self.config.lock_timeout_s) as connection, connection.transaction():
             connection.execute(TAKE_SWITCH_LOCK)
-            connection.execute(WRITE_SETTINGS, vars(self._settings_or_configured(connection)))
+            settings = self._settings_or_configured(connection)
+            connection.execute(WRITE_SETTINGS, vars(settings))
             row = connection.execute(READ).fetchone()
             current = self._inventory(row) if row else Inventory.full(self.config.event, self.config.tickets)
             connection.execute(CLEAR_ORDERS)
+            connection.execute(CLEAR_BUCKETS)
             fresh = {"event": event or current.event, "total": current.total if tickets is None else tickets}
-            return self._inventory(connection.execute(RESTORE_INVENTORY, fresh).fetchone())
+            connection.execute(RESTORE_INVENTORY, fresh)
+            self._place_the_count(connection, MODES[settings.mode])
+            self.count_seen = self._inventory(connection.execute(READ_WITH_BUCKETS).fetchone())
+            return self.count_seen
 
     def orders_page(self, limit: int, offset: int) -> tuple[int, list[Order]]:
         with self._connection() as connection:
@@ -444,174 +569,230 @@ class PostgresStore(Store):
     # --- Sales --------------------------------------------------------------------------------------------------
 
     @contextmanager
-    def begin_sale(self, mode: Mode, deadline: Deadline) -> Iterator[Sale]:
-        """BEGIN, the hold against switches, and a check that ``mode`` is still in force.
+    def begin_sale(self, settings: RuntimeSettings, quantity: int, deadline: Deadline) -> Iterator[Sale]:
+        """A sale on a connection of this worker's pool. Its BEGIN, its hold against switches and the check that
+        ``settings`` are still in force go with its first statement (``PostgresSale``): a switch that came first
+        raises SettingsChanged there.
 
-        The sale's write commits, inside the mode's guard: a guard of the host (the file lock, the thread lock)
-        lets the next buyer read only once this sale's count is visible. A sale that ends without writing (sold
-        out, a replayed key, an error) rolls back.
+        The sale's write commits, inside the mode's guard: a guard of the host (the file lock, the thread lock) lets
+        the next buyer read only once this sale's count is visible. A sale that ends without writing (sold out, a
+        replayed key, an error) rolls back.
         """
         with self._connection(waits_s=None) as connection:
-            sale = PostgresSale(self, connection, deadline, mode)
+            sale = PostgresSale(self, connection, settings, quantity, deadline)
             try:
-                sale.begin()
                 yield sale
+            except (LockTimeout, LockUnavailable):
+                if not sale.checked:  # a guard of the host or a lock service, taken for settings not checked yet
+                    self.check_in_force(settings, self.read_settings())  # SettingsChanged if a switch came first
+                raise
             finally:
-                if not sale.ended and not connection.broken:
+                if not connection.broken and connection.info.transaction_status != TransactionStatus.IDLE:
                     with answering_within(connection, self.timeout_s):
                         connection.execute(ROLLBACK)
 
 
+Statement = tuple[str, Any]  # a query and its parameters (None for none)
+
+
 class PostgresSale(Sale):
-    """A sale's statements, inside the transaction ``PostgresStore.begin_sale`` began.
+    """A sale's statements, sent in as few round trips as its steps allow (psycopg's pipeline mode).
 
-    A guard's statement (the advisory lock, the row lock) waits for the sale's next statement and goes with it
-    in one round trip: the guard is held from that statement on, before the read.
+    The first round trip carries what the sale still owes the database, ahead of its own statement: BEGIN, the
+    shared hold against switches, the settings in force (read once the hold is granted), and the statements its guard
+    asked for (the advisory lock, the row lock, a bucket), so that the guard is held from there on, before the read.
+    The write goes with the order, the key and COMMIT. A conditional write needs no read
+    before it (``Read.SEEN``): the atomic mode's sale is one round trip.
 
-    A fenced sale is not one transaction: the read claims the row with the lease's token in a statement of its
-    own, committed as it runs, so that a newer holder can claim it while this one works; the write begins again
-    (holding off switches, and checking the mode anew) and writes only where the row still carries the token.
+    A fenced sale is not one transaction: the read claims the row with the lease's token in a statement of its own,
+    committed as it runs, so that a newer holder can claim it while this one works; the write begins again (holding
+    off switches, and checking the mode anew) and writes only where the row still carries the token.
     """
 
     store: PostgresStore
 
     def __init__(
-        self, store: PostgresStore, connection: psycopg.Connection[Any], deadline: Deadline, mode: Mode
+        self,
+        store: PostgresStore,
+        connection: psycopg.Connection[Any],
+        settings: RuntimeSettings,
+        quantity: int,
+        deadline: Deadline,
     ) -> None:
-        super().__init__(store, deadline)
+        super().__init__(store, settings, quantity, deadline)
         self.connection = connection
-        self.mode = mode
-        self.guard_statements: list[str] = []
-        self.ended = False  # committed, or refused by the database at commit
-
-    def begin(self) -> None:
-        """BEGIN, the shared hold against switches, and the mode in force, in one round trip.
-
-        Each statement of a query string takes its own snapshot (read committed), so the mode is read after the
-        hold was granted: a switch that committed while this purchase waited is seen.
-        """
-        start = _one_round_trip(
-            BEGIN[self.mode.isolation], _lock_waits_until(self.deadline), HOLD_AGAINST_SWITCHES, MODE_IN_FORCE
-        )
-        with self.answering():
-            in_force = _last_row(self.connection, start)
-        self.ended = False
-        if not in_force or in_force[0] != self.mode.name:
-            raise Conflict(f"the mode changed to {in_force[0] if in_force else None!r}")
+        self.begun = False  # whether its BEGIN and hold were sent
+        self.checked = False  # whether the settings in force were read, and found to be its own
+        self.deadline_ms = 0  # the purchase's deadline, in milliseconds after its transaction began
+        self.guard_statements: list[Statement] = []
+        self.wants_a_bucket = False  # the buckets mode's guard asked for one
+        self.taken: list[tuple[int, int]] = []  # (bucket, tickets): what the write takes from the buckets it holds
+        self.read_ahead: list[psycopg.Cursor[Any]] = []  # a read sent ahead, with the key's lookup
 
     def take_advisory_lock(self) -> None:
-        self.guard_statements.append(TAKE_ADVISORY_LOCK)
+        self.guard_statements.append((TAKE_ADVISORY_LOCK, None))
 
     def lock_inventory_row(self) -> None:
-        self.guard_statements.append(LOCK_ROW)
+        self.guard_statements.append((LOCK_ROW, None))
+
+    def lock_a_bucket(self) -> None:
+        self.wants_a_bucket = True  # taken with the read: which bucket, and how, depends on what it answers
 
     def answering(self) -> AbstractContextManager[None]:
         """The sale's next round trips: they may wait for a lock until the purchase's deadline (the server ends
         those waits there), and then have the database timeout to answer."""
         return answering_within(self.connection, self.store.timeout_s + self.deadline.left())
 
-    def _send_guard_statements(self) -> None:
-        if self.guard_statements:
-            self.connection.execute(_one_round_trip(_lock_waits_until(self.deadline), *self.guard_statements))
-            self.guard_statements.clear()
+    # --- Round trips ------------------------------------------------------------------------------------------
+
+    def _round_trip(self, *statements: Statement, commits: str | None = None) -> list[psycopg.Cursor[Any]]:
+        """``statements`` (then COMMIT, if it ``commits`` that order) after what the sale still owes the database,
+        in one round trip: their cursors.
+
+        A round trip that begins the transaction reads the settings in force once the hold is granted: SettingsChanged
+        if they are not the sale's. Nothing was written then: its statements read, or write only while the sale's
+        mode is in force. A write made in the mode in force stands; only the race window may have moved, and the work
+        is done, so that is only noted.
+        """
+        if not self.begun:  # the deadline, in milliseconds after the BEGIN sent now
+            self.deadline_ms = max(1, math.ceil(self.deadline.left() * 1000))  # 1: a lock_timeout of 0 is no limit
+        lock_waits: Statement = (LOCK_WAITS_UNTIL, (self.deadline_ms,))
+        opening: list[Statement] = [lock_waits]
+        if not self.begun:
+            opening = [(BEGIN[self.mode.isolation], None), lock_waits, *HOLD_AND_SETTINGS, lock_waits]
+        ending = [(COMMIT, None)] if commits else []
+        sent = [*opening, *self.guard_statements, *statements, *ending]
+        self.begun, self.guard_statements = True, []
+        cursors = self._send(sent, commits)
+        if len(opening) > 1:
+            in_force = self.store._settings(cursors[len(opening) - 2].fetchone())
+            written = commits is not None and in_force.mode == self.settings.mode
+            self.store.check_in_force(in_force if written else self.settings, in_force)
+            self.checked = True
+        return cursors[len(sent) - len(statements) - len(ending) : len(sent) - len(ending)]
+
+    def _send(self, statements: list[Statement], order_id: str | None = None) -> list[psycopg.Cursor[Any]]:
+        """One round trip; with ``order_id``, it commits that order: OutcomeUnknown, naming it, if the session ends
+        on the way (the connection breaks, or the server ends it), since the COMMIT may or may not have run. A
+        statement the server refused in a session that goes on aborted the transaction: nothing was written."""
+        with self.answering():
+            try:
+                return _pipelined(self.connection, statements)
+            except psycopg.OperationalError as error:
+                ended = self.connection.broken or error.sqlstate is None or error.diag.severity in ("FATAL", "PANIC")
+                if order_id is None or not ended:
+                    raise
+                raise OutcomeUnknown(
+                    f"The connection broke while order {order_id} was being committed ({error}): it may "
+                    f"or may not stand. GET /orders/{order_id} tells."
+                ) from None
+
+    # --- The steps --------------------------------------------------------------------------------------------
 
     def find_replay(self, request: IdempotentRequest) -> Order | None:
-        with self.answering(), self.connection.cursor(row_factory=dict_row) as cursor:
-            self._send_guard_statements()  # the key is looked up under the guard
-            row = cursor.execute(FIND_REPLAY, (request.digest,)).fetchone()
+        # The key is looked up under the guard; the read goes with it, as it would come right after.
+        replay, *self.read_ahead = self._round_trip((FIND_REPLAY, (request.digest,)), *self._read_statements())
+        row = replay.fetchone()
         if row is None:
             return None
-        if row.pop("fingerprint") != request.fingerprint:
+        fingerprint, *order = row
+        if fingerprint != request.fingerprint:
             raise IdempotencyKeyReused(
                 "This Idempotency-Key was already used with a different body; use a new key for a new order."
             )
-        return _order(tuple(row.values()))
+        return _order(order)
+
+    def _read_statements(self) -> list[Statement]:
+        """What a read of the count sends: the row, or a bucket with its guard's lock and the buckets' sum."""
+        if self.mode.read not in (Read.PLAIN, Read.MEMORY):
+            return []  # a claim goes alone, and a read of the count seen goes nowhere
+        if self.wants_a_bucket:
+            return [(TAKE_A_FREE_BUCKET, {"quantity": self.quantity}), (READ_WITH_BUCKETS, None)]
+        return [(READ, None)]
 
     def read_stored(self, how: Read, holding: Holding) -> Inventory:
         if how is Read.CLAIM:
             return self._claim(_fence_of(holding))
-        statements = _one_round_trip(_lock_waits_until(self.deadline), *self.guard_statements, READ)
-        self.guard_statements.clear()
-        with self.answering():
-            return self.store._inventory(_last_row(self.connection, statements))
+        if how is Read.SEEN and (seen := self.store.count_seen) and seen.remaining >= self.quantity:
+            return seen  # the conditional write checks the count itself: sold out is never answered from a guess
+        cursors, self.read_ahead = self.read_ahead or self._round_trip(*self._read_statements() or [(READ, None)]), []
+        if self.wants_a_bucket:
+            return self._take_buckets(*cursors)
+        self.store.count_seen = self.store._inventory(cursors[0].fetchone())
+        return self.store.count_seen
+
+    def _take_buckets(self, free: psycopg.Cursor[Any], read: psycopg.Cursor[Any]) -> Inventory:
+        """The buckets the sale takes its tickets from, locked: a free one, else a busy one waited for, else every
+        bucket; and the count, their sum (exact when every bucket is held: sold out is then checked, not guessed)."""
+        inventory = self.store._inventory(read.fetchone())
+        held = free.fetchall()
+        if not held:
+            [waited] = self._round_trip((WAIT_FOR_A_BUCKET, {"quantity": self.quantity}))
+            held = waited.fetchall()
+        if not held:  # no bucket holds the quantity alone
+            [every] = self._round_trip((TAKE_EVERY_BUCKET, None))
+            held = every.fetchall()
+            inventory = replace(inventory, remaining=sum(count for _, count in held))
+        self.taken = _take_from(held, self.quantity)
+        return inventory
 
     def _claim(self, fence: int) -> Inventory:
         """Claim the row with ``fence``, committed as it runs; StaleFence if a newer token claimed it already.
 
-        The sale's first transaction ends before: the claim runs on its own, so that the row's lock lasts only
-        while the server runs it, and a holder stopped right after cannot keep the next holder waiting.
+        It goes in a transaction of its own (with the settings in force), so that the row's lock lasts only while
+        the server runs it, and a holder stopped right after cannot keep the next holder waiting. A transaction
+        begun before (to look up a key) ends first.
         """
-        with self.answering():
-            self._commit()
-            row = self.connection.execute(CLAIM, {"fence": fence}).fetchone()
-            if row is None:
-                newest = self._newest_fence()
-                raise StaleFence(
-                    f"the inventory was claimed by token {newest}, newer than this holder's {fence}", newest
-                )
+        ending: list[Statement] = [(COMMIT, None)] if self.begun else []
+        *_, in_force, claimed = self._send([*ending, (READ_SETTINGS, None), (CLAIM, {"fence": fence})])
+        self.begun = False  # the write begins a new transaction
+        self.store.check_in_force(self.settings, self.store._settings(in_force.fetchone()))
+        self.checked = True
+        row = claimed.fetchone()
+        if row is None:
+            [found] = self._send([(NEWEST_FENCE, None)])
+            newest = int(self.store._inventory_row(found.fetchone())[0])
+            raise StaleFence(f"the inventory was claimed by token {newest}, newer than this holder's {fence}", newest)
         return self.store._inventory(row)
-
-    def _newest_fence(self) -> int:
-        row = self.connection.execute(NEWEST_FENCE).fetchone()
-        return int(row[0]) if row else 0
 
     def write_stored(
         self, how: Write, before: Inventory, order: Order, request: IdempotentRequest | None, holding: Holding
     ) -> Order:
-        if how is Write.FENCED:
-            self.begin()  # the claim ended the first transaction: a new one, holding off switches again
-        with self.answering():
-            return self._write(how, before, order, request, holding)
-
-    def _write(
-        self, how: Write, before: Inventory, order: Order, request: IdempotentRequest | None, holding: Holding
-    ) -> Order:
-        if how is Write.BLIND:
-            self.connection.execute(WRITE_BLIND, {"remaining": order["remaining"]})
-        elif how is Write.IF_VERSION:
-            written = self.connection.execute(
-                WRITE_IF_VERSION, {"remaining": order["remaining"], "version": before.version}
-            )
-            if written.rowcount == 0:
-                raise Conflict(f"the inventory changed since version {before.version} was read")
-        elif how is Write.CONDITIONAL:
-            row = self.connection.execute(WRITE_IF_ENOUGH, {"quantity": order["quantity"]}).fetchone()
-            if row is None:
-                raise SoldOut(f"Sold out: fewer than {order['quantity']} left when the order was written.")
-            order = {**order, "remaining": row[0]}
-        elif how is Write.FENCED:
-            self._write_fenced(order, _fence_of(holding))
-        else:
-            self.connection.execute(LOCK_ROW)  # the memory mode writes no count, but records under the row's lock
-        stamp_written(order)
-        self.connection.execute(INSERT_ORDER, {**order, **order["timing"]})
+        """The write, the order, the key and COMMIT in one round trip (after the sale's BEGIN and hold, for a sale
+        that sent nothing before)."""
+        stamp_written(order)  # sent now, and recorded with the write in one statement
+        values = {
+            **order,
+            **order["timing"],
+            "sale_mode": self.settings.mode,
+            "version": before.version,
+            "bucket_ids": [bucket for bucket, _ in self.taken],
+            "bucket_quantities": [tickets for _, tickets in self.taken],
+        }
+        # The buckets mode's orders, too, are recorded in turn, under the inventory row's lock (RECORD_ORDER says why).
+        in_turn: list[Statement] = [(LOCK_ROW, None)] if self.taken else []
+        statements = [*in_turn, (WRITE_BUCKETS_AND_RECORD if self.taken else WRITE_AND_RECORD[how], values)]
         if request is not None:
-            self.connection.execute(INSERT_KEY, (request.digest, request.fingerprint, order["order_id"]))
-        self._commit(order["order_id"])
-        return order
+            statements.append((RECORD_KEY, (request.digest, request.fingerprint, order["order_id"])))
+        if how is Write.FENCED:
+            statements.append((RECORD_REFUSAL_IF_STALE, values))
+        cursors = self._round_trip(*statements, commits=order["order_id"])
+        row = cursors[len(in_turn)].fetchone()
+        if row is None:
+            self._nothing_written(how, before, order, refused=cursors[-1])
+        self.store.count_seen = replace(before, remaining=row[0])
+        return {**order, "remaining": row[0]}
 
-    def _write_fenced(self, order: Order, fence: int) -> None:
-        """Write where the row still carries ``fence``; a refusal is recorded, then StaleFence."""
-        if self.connection.execute(WRITE_FENCED, {"remaining": order["remaining"], "fence": fence}).rowcount:
-            return
-        newest = self._newest_fence()
-        refusal = {**order, **order["timing"], "newest": newest, "refused_at": time.time()}
-        self.connection.execute(RECORD_REFUSAL, refusal)
-        self._commit()
-        raise StaleFence(f"token {fence} was superseded by {newest} before this holder wrote", newest)
-
-    def _commit(self, order_id: str | None = None) -> None:
-        """COMMIT; OutcomeUnknown, naming the order, if the connection broke on the way."""
-        self.ended = True  # whatever the answer: a refused commit ends the transaction too
-        try:
-            self.connection.execute(COMMIT)
-        except psycopg.OperationalError as error:
-            if not self.connection.broken or order_id is None:
-                raise  # the database refused the commit (nothing was written), or it held no order
-            raise OutcomeUnknown(
-                f"The connection broke while order {order_id} was being committed ({error}): it may "
-                f"or may not stand. GET /orders/{order_id} tells."
-            ) from None
+    def _nothing_written(self, how: Write, before: Inventory, order: Order, refused: psycopg.Cursor[Any]) -> NoReturn:
+        """Raise what a write that wrote nothing means, its mode being in force (the settings were checked)."""
+        if how is Write.IF_VERSION:
+            raise Conflict(f"the inventory changed since version {before.version} was read")
+        if how is Write.CONDITIONAL:
+            raise SoldOut(f"Sold out: fewer than {order['quantity']} left when the order was written.")
+        if how is Write.FENCED and (newest := refused.fetchone()):
+            message = f"token {order['fence']} was superseded by {newest[0]} before this holder wrote"
+            raise StaleFence(message, newest[0])
+        raise self.store._missing_inventory()  # a blind write finds no row only where it was deleted
 
 
 def _fence_of(holding: Holding) -> int:
@@ -640,24 +821,43 @@ def _closed_by_server(connection: psycopg.Connection[Any]) -> None:
         raise psycopg.OperationalError("the server closed this idle connection")
 
 
-def _lock_waits_until(deadline: Deadline) -> sql.Composable:
-    """The statement that ends the transaction's next lock waits at ``deadline``."""
-    milliseconds = max(1, math.ceil(deadline.left() * 1000))  # at least 1: a lock_timeout of 0 would mean no limit
-    return sql.SQL(LOCK_WAITS_UNTIL).format(sql.Literal(milliseconds))
+def _pipelined(connection: psycopg.Connection[Any], statements: list[Statement]) -> list[psycopg.Cursor[Any]]:
+    """Run ``statements`` in one round trip (psycopg's pipeline mode): their cursors, or the first error one met.
+
+    psycopg raises an error as soon as it reads it, which may be while later statements are still being queued: the
+    queuing stops there, and the pipeline ends by itself (its skipped statements' errors are not the news).
+    """
+    cursors: list[psycopg.Cursor[Any]] = []
+    first: psycopg.Error | None = None
+    try:
+        with connection.pipeline():
+            for query, parameters in statements:
+                try:
+                    cursors.append(connection.execute(query, parameters))
+                except psycopg.Error as error:
+                    first = error
+                    break
+    except psycopg.Error:
+        if first is None:
+            raise
+    if first is not None:
+        raise first
+    return cursors
 
 
-def _one_round_trip(*statements: str | sql.Composable) -> sql.Composed:
-    """Several statements in one query string (no bound parameters allowed there)."""
-    return sql.SQL("; ").join(sql.SQL(part) if isinstance(part, str) else part for part in statements)
+def _take_from(held: list[tuple[int, int]], quantity: int) -> list[tuple[int, int]]:
+    """(bucket, tickets) taken from the ``held`` (bucket, count) pairs: the fullest first, until ``quantity``."""
+    taken: list[tuple[int, int]] = []
+    for bucket, count in sorted(held, key=lambda pair: -pair[1]):
+        tickets = min(count, quantity - sum(given for _, given in taken))
+        if tickets > 0:
+            taken.append((bucket, tickets))
+    return taken
 
 
-def _last_row(connection: psycopg.Connection[Any], statements: sql.Composed) -> Any:
-    """Run several statements in one round trip (no parameters allowed), and return the last one's first row."""
-    with connection.cursor() as cursor:
-        cursor.execute(statements)
-        for _ in cursor.results():
-            pass  # step to the last statement's result
-        return cursor.fetchone()
+def _sells_from_buckets(mode: Mode) -> bool:
+    """Whether ``mode`` sells from the buckets (its guard asks for them) rather than from the inventory row."""
+    return Ability.BUCKETS in mode.needs()
 
 
 def _order(row: Any) -> Order:

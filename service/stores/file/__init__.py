@@ -37,7 +37,7 @@ from service.config import MAX_RACE_WINDOW_MS, Config
 from service.deadline import Deadline
 from service.errors import Conflict, OrderNotDurable, StoreDamaged, StoreWriteFailed
 from service.guards import NOTHING_SOLD, Holding
-from service.modes import MODES, Feature, Isolation, Mode, Read, Write
+from service.modes import MODES, Feature, Isolation, Read, Write
 from service.stores.base import (
     Feed,
     IdempotentRequest,
@@ -239,14 +239,13 @@ class FileStore(Store):
     # --- Sales ------------------------------------------------------------------------------------------------
 
     @contextmanager
-    def begin_sale(self, mode: Mode, deadline: Deadline) -> Iterator[Sale]:
-        """Hold the host's lock file shared for the whole sale, and check that ``mode`` is still the one in force
-        (Conflict if a switch came first: the purchase starts again in the new mode)."""
+    def begin_sale(self, settings: RuntimeSettings, quantity: int, deadline: Deadline) -> Iterator[Sale]:
+        """Hold the host's lock file shared for the whole sale, and check that ``settings`` are still the ones in
+        force: the settings file is read here only, once per sale (SettingsChanged if a switch came first: the
+        purchase starts again in the new mode)."""
         with flock.holding(self.lock_path, deadline.left(), NOTHING_SOLD, shared=True):
-            in_force = self.read_settings().mode
-            if in_force != mode.name:
-                raise Conflict(f"the mode changed to {in_force!r}")
-            yield FileSale(self, deadline)
+            self.check_in_force(settings, self.read_settings())
+            yield FileSale(self, settings, quantity, deadline)
 
     def record_sale(
         self,
@@ -395,8 +394,9 @@ def _is_count(value: object) -> bool:
 
 
 def _db_json(inventory: Inventory, reflects: Reflects | None) -> dict[str, Any]:
-    # vars, not asdict: asdict's deep copy costs, at every sale
-    return {**vars(inventory), "reflects": vars(reflects)} if reflects else vars(inventory)
+    # Not asdict: its deep copy costs, at every sale. (A file store has no buckets.)
+    data = {"event": inventory.event, "total": inventory.total, "remaining": inventory.remaining}
+    return {**data, "version": inventory.version, "reflects": vars(reflects)} if reflects else data
 
 
 def _reflects(data: object) -> Reflects | None:
