@@ -327,61 +327,78 @@ def release_buyers(
     line, so that after it only the sending is left.
     """
     concurrency = max(1, min(concurrency, buyers))
-    outcomes: list[Outcome | None] = [None] * buyers
-    first_sends: list[float] = []  # when the first buyer of each thread sent, after the start line
-    next_buyer = iter(range(buyers))
-    take_lock = threading.Lock()
-    answered = [0]
-    # Every thread makes its first buyer ready and then waits here, so that the first requests leave together.
+    queue = _BuyerQueue(buyers, label, progress)
     start_line = threading.Barrier(concurrency)
-
-    def take() -> int | None:
-        with take_lock:
-            return next(next_buyer, None)
-
-    def report(index: int, outcome: Outcome) -> None:
-        outcomes[index] = outcome
-        with take_lock:
-            answered[0] += 1
-            done = answered[0]
-        if progress:
-            progress(label, done, buyers)
-
-    def buyer_thread(client: ServiceClient) -> None:
-        def ready(index: int | None) -> Buyer | None:
-            if index is None:
-                return None
-            return Buyer(client.base_url + "/orders", f"buyer-{index + 1}", timeout_s=client.timeout_s)
-
-        index = take()
-        buyer = ready(index)  # the thread's first buyer, ready before the start line
-        # The timeout keeps a thread that could not start from holding the others back forever.
-        with suppress(threading.BrokenBarrierError):
-            start_line.wait(timeout=STARTUP_TIMEOUT_S)
-        first = True
-        while index is not None and buyer is not None:
-            outcome = buyer.buy()
-            if first:
-                with take_lock:
-                    first_sends.append(outcome.invoked_at)
-                first = False
-            report(index, outcome)
-            index = take()
-            buyer = ready(index)
-
     threads = [
-        threading.Thread(target=buyer_thread, args=(clients[n % len(clients)],), name=f"buyer-{n}")
+        threading.Thread(target=_buy_in_turn, args=(clients[n % len(clients)], queue, start_line), name=f"buyer-{n}")
         for n in range(concurrency)
     ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    missing = [index for index, outcome in enumerate(outcomes) if outcome is None]
-    if missing:
-        raise RuntimeError(f"{len(missing)} buyers were never sent (a buyer thread failed)")
-    spread_ms = (max(first_sends) - min(first_sends)) * 1000 if first_sends else 0.0
-    return Release([outcome for outcome in outcomes if outcome is not None], spread_ms)
+    return queue.released()
+
+
+class _BuyerQueue:
+    """The buyers of one phase, handed to the threads one at a time, and what each of them was told."""
+
+    def __init__(self, buyers: int, label: str, progress: ProgressCallback | None) -> None:
+        self.outcomes: list[Outcome | None] = [None] * buyers
+        self.first_sends: list[float] = []  # when the first buyer of each thread sent, after the start line
+        self.label = label
+        self.progress = progress
+        self._next = iter(range(buyers))
+        self._answered = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        """The next buyer's index, or None when every buyer was taken."""
+        with self._lock:
+            return next(self._next, None)
+
+    def report(self, index: int, outcome: Outcome, first: bool) -> None:
+        """Keep what buyer ``index`` was told (``first``: the first send of its thread), and show the progress."""
+        self.outcomes[index] = outcome
+        with self._lock:
+            self._answered += 1
+            answered = self._answered
+            if first:
+                self.first_sends.append(outcome.invoked_at)
+        if self.progress:
+            self.progress(self.label, answered, len(self.outcomes))
+
+    def released(self) -> Release:
+        """Every buyer's outcome, and how far apart the threads' first sends left; RuntimeError if one is missing."""
+        missing = [index for index, outcome in enumerate(self.outcomes) if outcome is None]
+        if missing:
+            raise RuntimeError(f"{len(missing)} buyers were never sent (a buyer thread failed)")
+        sends = self.first_sends
+        spread_ms = (max(sends) - min(sends)) * 1000 if sends else 0.0
+        return Release([outcome for outcome in self.outcomes if outcome is not None], spread_ms)
+
+
+def _buy_in_turn(client: ServiceClient, queue: _BuyerQueue, start_line: threading.Barrier) -> None:
+    """One buyer thread: its first buyer made ready before the start line (every thread waits there, so that the
+    first requests leave together), then one buyer after another until none is left."""
+    index = queue.take()
+    buyer = _ready(client, index)
+    # The timeout keeps a thread that could not start from holding the others back forever.
+    with suppress(threading.BrokenBarrierError):
+        start_line.wait(timeout=STARTUP_TIMEOUT_S)
+    first = True
+    while index is not None and buyer is not None:
+        queue.report(index, buyer.buy(), first)
+        first = False
+        index = queue.take()
+        buyer = _ready(client, index)
+
+
+def _ready(client: ServiceClient, index: int | None) -> Buyer | None:
+    """Buyer ``index``, its request to ``client`` prepared; None when there is no buyer left."""
+    if index is None:
+        return None
+    return Buyer(client.base_url + "/orders", f"buyer-{index + 1}", timeout_s=client.timeout_s)
 
 
 def _percentile(sorted_values: Sequence[float], percent: float) -> float:
