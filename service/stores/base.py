@@ -272,7 +272,9 @@ class Store(ABC):
         changed before the hold was granted, StoreUnavailable when the store cannot be reached.
         """
 
-    def make_durable(self, order: Order, request: IdempotentRequest | None) -> None:  # noqa: B027 - optional hook
+    def make_durable(  # noqa: B027 - optional hook
+        self, order: Order, request: IdempotentRequest | None, deadline: Deadline
+    ) -> None:
         """Make a recorded order survive a crash before its buyer is told (a store that commits needs nothing)."""
 
 
