@@ -104,8 +104,8 @@ class PhaseResult:
     def lapsed(self) -> bool:
         """Whether a lease holder outlived its lease: its race window, or the pause, was longer than the lease, or
         a recorded sale wrote after its lease ran out (a worker the machine left waiting, say)."""
-        if self.lease_ms is None:
-            return False
+        if self.lease_ms is None or MODES[self.mode].lapse is None:
+            return False  # no lease: nothing to outlive
         if self.race_window_ms >= self.lease_ms or (self.pause is not None and self.pause.ms > self.lease_ms):
             return True
         return any(bar.outlived_lease for bar in bars_from_orders(self.orders))
@@ -159,18 +159,18 @@ def run(
     ``starting`` is called once the services answered, before the first phase resets them.
     """
     service_pids: list[int] = []
-    with target(options, service_pids) as hosts:
-        offered = hosts.clients[0].modes()
+    with open_target(options, service_pids) as target:
+        offered = target.clients[0].modes()
         store, modes = modes_to_run(offered, options.modes)
-        plan = phases_to_run(modes, options, offered.get("lease_ms"), hosts.can_pause)
+        plan = phases_to_run(modes, options, offered.get("lease_ms"), target.can_pause)
         if starting:
             starting()
         phases = [
-            run_phase(hosts, options, phase, trial, offered.get("lease_ms"), progress)
+            run_phase(target, options, phase, trial, offered.get("lease_ms"), progress)
             for phase in plan
             for trial in range(1, options.trials + 1)
         ]
-    urls = [client.base_url for client in hosts.clients]
+    urls = [client.base_url for client in target.clients]
     return RunResult(urls, not options.urls, store, options, phases, service_pids)
 
 
@@ -188,7 +188,7 @@ class Target:
 
 
 @contextmanager
-def target(options: LoadOptions, service_pids: list[int] | None = None) -> Iterator[Target]:
+def open_target(options: LoadOptions, service_pids: list[int] | None = None) -> Iterator[Target]:
     """Clients for ``options.urls``, or for embedded hosts started now and stopped when the block ends.
 
     The embedded hosts' PIDs (masters and workers) are appended to ``service_pids`` as they stop.
@@ -248,7 +248,7 @@ def check_pause(pause_ms: int, lease_ms: int | None) -> None:
 
 
 def run_phase(
-    hosts: Target,
+    target: Target,
     options: LoadOptions,
     phase: Phase,
     trial: int,
@@ -257,7 +257,7 @@ def run_phase(
 ) -> PhaseResult:
     """Reset to ``options.tickets``, switch to the phase's mode, release all buyers together (stopping the lease
     holder for the phase's pause), then read back and check."""
-    clients = hosts.clients
+    clients = target.clients
     admin = clients[0]
     admin.reset(options.tickets)
     settings = admin.set_mode(phase.mode, options.race_window_ms)
@@ -265,7 +265,7 @@ def run_phase(
     if progress:
         progress(label, 0, options.buyers)
     started = time.monotonic()
-    with pausing(hosts, phase.pause_ms) as pause:
+    with pausing(target, phase.pause_ms) as pause:
         release = release_buyers(clients, options.buyers, options.concurrency or options.buyers, label, progress)
     duration_s = time.monotonic() - started
     outcomes = release.outcomes
@@ -294,9 +294,9 @@ def run_phase(
 
 
 @contextmanager
-def pausing(hosts: Target, pause_ms: int | None) -> Iterator[HolderPause | None]:
+def pausing(target: Target, pause_ms: int | None) -> Iterator[HolderPause | None]:
     """Stop the lease holder for ``pause_ms`` during the block (nothing when None)."""
-    cluster = hosts.cluster
+    cluster = target.cluster
     if pause_ms is None or cluster is None or cluster.redis_url is None or cluster.database_url is None:
         yield None
         return

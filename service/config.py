@@ -337,8 +337,10 @@ SETTINGS = (
         "worker_timeout_s",
         30,
         whole_number(1),
-        "seconds before gunicorn replaces a silent worker (must exceed the lock timeout + "
-        f"{MAX_RACE_WINDOW_MS // 1000} s, + the database timeout with PostgreSQL)",
+        "seconds before gunicorn replaces a silent worker: it must exceed the longest purchase, which the start "
+        f"checks (the lock timeout + {MAX_RACE_WINDOW_MS // 1000} s, + {FLUSH_AFTER_DEADLINE_S:g} s for the file "
+        "store's flush or the database timeout, twice with a lock service, + "
+        f"{2 * LOCK_SERVICE_TIMEOUT_S:g} s with a lock service)",
         server=True,
     ),
     Setting("TICKETLOCK_LOG_LEVEL", "log_level", "info", one_of(*LOG_LEVELS), "gunicorn's log level", server=True),

@@ -116,7 +116,10 @@ def test_a_port_in_use_stops_the_start_with_one_line_naming_the_address_and_the_
 
 # A worker that never finishes booting: its master runs, GET /health never answers.
 NEVER_READY_APP = "import time\ntime.sleep(60)\n"
-NEVER_READY_CONF = "wsgi_app = 'never_ready:app'\npythonpath = {folder!r}\nworkers = 1\ngraceful_timeout = 1\ncontrol_socket_disable = True\n"
+NEVER_READY_CONF = (
+    "wsgi_app = 'never_ready:app'\npythonpath = {folder!r}\nworkers = 1\ngraceful_timeout = 1\n"
+    "control_socket_disable = True\n"
+)
 START_EMBEDDED = (
     "import pathlib, sys\n"
     "from loadtest.embedded import EmbeddedService\n"
