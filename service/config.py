@@ -391,8 +391,10 @@ def longest_purchase_s(config: Config) -> tuple[float, str]:
     """
     parts = [("the lock timeout", config.lock_timeout_s), ("the longest race window", MAX_RACE_WINDOW_MS / 1000)]
     if config.database_url:
-        round_trips = 2 if config.redis_url else 1
-        parts.append((f"{round_trips} database timeout(s)", round_trips * config.database_timeout_s))
+        if config.redis_url:
+            parts.append(("2 database timeouts", 2 * config.database_timeout_s))
+        else:
+            parts.append(("the database timeout", config.database_timeout_s))
     else:
         parts.append(("the journal's flush", FLUSH_AFTER_DEADLINE_S))
     if config.redis_url:
