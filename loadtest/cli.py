@@ -21,7 +21,7 @@ from typing import TextIO
 from loadtest.client import ServiceError, ServiceUnreachable
 from loadtest.cluster import STORES
 from loadtest.report import as_expected, print_report, print_verdicts, svg_sections, throughput_table, to_json
-from loadtest.runner import LoadOptions, RunResult, modes_to_run, run, target
+from loadtest.runner import LoadOptions, RunResult, modes_to_run, open_target, run
 from loadtest.throughput import ThroughputOptions, measure_modes
 from loadtest.timeline import render_svg
 from service.config import MAX_RACE_WINDOW_MS
@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
     """Where the buyers go: running services (--url), or embedded hosts and their store."""
-    target = parser.add_argument_group("target")
-    target.add_argument(
+    where = parser.add_argument_group("target")
+    where.add_argument(
         "--url",
         nargs="+",
         default=[],
@@ -110,15 +110,15 @@ def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
         help="running services, e.g. http://127.0.0.1:8000, whose store it resets: several hosts of one store, or "
         "a load balancer; buyers go to them round-robin (default: start embedded hosts)",
     )
-    target.add_argument("--token", help="admin token for PUT /mode and POST /reset, if the service needs one")
-    target.add_argument("--hosts", type=int, default=1, help="embedded hosts, each its own gunicorn (default 1)")
-    target.add_argument(
+    where.add_argument("--token", help="admin token for PUT /mode and POST /reset, if the service needs one")
+    where.add_argument("--hosts", type=int, default=1, help="embedded hosts, each its own gunicorn (default 1)")
+    where.add_argument(
         "--store",
         choices=STORES,
         default="file",
         help="store of the embedded hosts: db.json, or a throwaway PostgreSQL from the OS's binaries (default file)",
     )
-    target.add_argument("--workers", type=int, default=4, help="workers of each embedded host (default 4)")
+    where.add_argument("--workers", type=int, default=4, help="workers of each embedded host (default 4)")
 
 
 def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
@@ -176,8 +176,8 @@ def throughput_cli(arguments: argparse.Namespace, options: LoadOptions, out: Tex
     """``--throughput``: each mode's requests/s and latency, measured like wrk, from several processes."""
     window = 0 if options.race_window_ms is None else options.race_window_ms
     try:
-        with target(options) as hosts:
-            client = hosts.clients[0]
+        with open_target(options) as target:
+            client = target.clients[0]
             _, modes = modes_to_run(client.modes(), options.modes)
             say_it_resets(options, err)
             speed = ThroughputOptions(

@@ -2,8 +2,8 @@
 buyer's purchase on a ``requests.Session`` of its own.
 
 ``--throughput`` alone sends on the standard library's ``http.client`` (``ServiceClient.connection``): there the
-client's own CPU per request limits the figure, and requests spends about four times as much of it (measured in
-``loadtest/throughput.py``'s docstring).
+client's own CPU per request limits the figure, and requests spends several times as much of it (measured in
+docs/load-tester.md).
 """
 
 from __future__ import annotations

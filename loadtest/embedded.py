@@ -114,11 +114,3 @@ class EmbeddedService(ServerProcess):
     def worker_pids(self) -> list[int]:
         """PIDs of the master's worker processes right now."""
         return [pid for pid in processes_in_group(self.master_pid or -1) if pid != self.master_pid]
-
-    def stop(self) -> None:
-        """Stop gunicorn (see ``ServerProcess.stop``), then delete its temporary folder, if it made one."""
-        try:
-            super().stop()
-        finally:
-            if self._temporary:
-                self._temporary.cleanup()

@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -84,11 +85,14 @@ class HolderPause:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         self.stop.set()
-        self.pause = self.results.get(timeout=START_TIMEOUT_S)
-        self.process.join(timeout=START_TIMEOUT_S)
-        if self.process.exitcode != 0:  # whatever happened to it, no worker stays stopped
-            for pid in _workers(self.masters):
-                os.kill(pid, signal.SIGCONT)
+        try:
+            self.pause = self.results.get(timeout=START_TIMEOUT_S)
+            self.process.join(timeout=START_TIMEOUT_S)
+        finally:
+            if self.process.exitcode != 0:  # whatever happened to it, no worker stays stopped
+                self.process.kill()
+                for pid in _workers(self.masters):
+                    _resume(pid)
 
 
 READY_MARK = None  # the first thing the watcher says: it is ready (then, the pause it made, or None)
@@ -110,7 +114,10 @@ class _Watcher:
 
     def __init__(self, redis_url: str, database_url: str, masters: list[int], pause_s: float, stop: Any) -> None:
         self.client = redis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
-        self.database = psycopg.connect(database_url, autocommit=True, connect_timeout=2)
+        # A worker stays stopped while the watcher asks where it stands: never longer than a second.
+        self.database = psycopg.connect(
+            database_url, autocommit=True, connect_timeout=2, options="-c statement_timeout=1000"
+        )
         self.masters = masters
         self.workers = _workers(masters)
         self.pause_s = pause_s
@@ -155,14 +162,17 @@ class _Watcher:
         if named is None or not self._is_ours(int(named["pid"])):
             return WRITING  # not a worker of our hosts
         host, pid = named["host"], int(named["pid"])
-        os.kill(pid, signal.SIGSTOP)
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            return WRITING  # it has exited since
         stopped_at = time.time()
         try:
             where = self._where(host, pid) if self._holder() == holder else WRITING
             if where is PAUSED:
                 self.done.wait(self.pause_s)
         finally:
-            os.kill(pid, signal.SIGCONT)
+            _resume(pid)
         if where is PAUSED:
             self.pause = Pause(host, pid, stopped_at, time.time())
         return where
@@ -197,6 +207,12 @@ class _Watcher:
         if READ_STARTS in query or (CLAIM_STARTS in query and claimed):
             return PAUSED
         return WRITING if query.lstrip().startswith(WRITES) and CLAIM_STARTS not in query else READING
+
+
+def _resume(pid: int) -> None:
+    """SIGCONT to a worker, unless it has exited."""
+    with suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)
 
 
 def _workers(masters: list[int]) -> set[int]:

@@ -22,7 +22,6 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
 import psycopg
 from psycopg import sql
@@ -72,13 +71,6 @@ class ThrowawayPostgres(ServerProcess):
         # The server may not run as root; as root, it runs as Debian's postgres user.
         self.user = "postgres" if os.geteuid() == 0 else None
         self.url = f"postgresql://{USER}@/{DATABASE}?host={self.socket_folder}"
-
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
-    ) -> None:
-        super().__exit__(kind, error, trace)
-        if self._temporary:
-            self._temporary.cleanup()
 
     def start(self) -> None:
         """Make the cluster (once), start the server, and create the database (once)."""

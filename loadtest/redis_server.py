@@ -14,7 +14,6 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
 import redis
 
@@ -45,12 +44,6 @@ class ThrowawayRedis(ServerProcess):
         self.port = _free_port(address)
         self.url = f"redis://{address}:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
-
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
-    ) -> None:
-        super().__exit__(kind, error, trace)
-        self._temporary.cleanup()
 
     def start(self) -> None:
         """Serve on the port chosen at construction (the same one again after ``stop``), and wait for PING."""

@@ -104,8 +104,8 @@ class PhaseResult:
     def lapsed(self) -> bool:
         """Whether a lease holder outlived its lease: its race window, or the pause, was longer than the lease, or
         a recorded sale wrote after its lease ran out (a worker the machine left waiting, say)."""
-        if self.lease_ms is None:
-            return False
+        if self.lease_ms is None or MODES[self.mode].lapse is None:
+            return False  # no lease: nothing to outlive
         if self.race_window_ms >= self.lease_ms or (self.pause is not None and self.pause.ms > self.lease_ms):
             return True
         return any(bar.outlived_lease for bar in bars_from_orders(self.orders))
@@ -159,18 +159,18 @@ def run(
     ``starting`` is called once the services answered, before the first phase resets them.
     """
     service_pids: list[int] = []
-    with target(options, service_pids) as hosts:
-        offered = hosts.clients[0].modes()
+    with open_target(options, service_pids) as target:
+        offered = target.clients[0].modes()
         store, modes = modes_to_run(offered, options.modes)
-        plan = phases_to_run(modes, options, offered.get("lease_ms"), hosts.can_pause)
+        plan = phases_to_run(modes, options, offered.get("lease_ms"), target.can_pause)
         if starting:
             starting()
         phases = [
-            run_phase(hosts, options, phase, trial, offered.get("lease_ms"), progress)
+            run_phase(target, options, phase, trial, offered.get("lease_ms"), progress)
             for phase in plan
             for trial in range(1, options.trials + 1)
         ]
-    urls = [client.base_url for client in hosts.clients]
+    urls = [client.base_url for client in target.clients]
     return RunResult(urls, not options.urls, store, options, phases, service_pids)
 
 
@@ -188,7 +188,7 @@ class Target:
 
 
 @contextmanager
-def target(options: LoadOptions, service_pids: list[int] | None = None) -> Iterator[Target]:
+def open_target(options: LoadOptions, service_pids: list[int] | None = None) -> Iterator[Target]:
     """Clients for ``options.urls``, or for embedded hosts started now and stopped when the block ends.
 
     The embedded hosts' PIDs (masters and workers) are appended to ``service_pids`` as they stop.
@@ -248,7 +248,7 @@ def check_pause(pause_ms: int, lease_ms: int | None) -> None:
 
 
 def run_phase(
-    hosts: Target,
+    target: Target,
     options: LoadOptions,
     phase: Phase,
     trial: int,
@@ -257,7 +257,7 @@ def run_phase(
 ) -> PhaseResult:
     """Reset to ``options.tickets``, switch to the phase's mode, release all buyers together (stopping the lease
     holder for the phase's pause), then read back and check."""
-    clients = hosts.clients
+    clients = target.clients
     admin = clients[0]
     admin.reset(options.tickets)
     settings = admin.set_mode(phase.mode, options.race_window_ms)
@@ -265,7 +265,7 @@ def run_phase(
     if progress:
         progress(label, 0, options.buyers)
     started = time.monotonic()
-    with pausing(hosts, phase.pause_ms) as pause:
+    with pausing(target, phase.pause_ms) as pause:
         release = release_buyers(clients, options.buyers, options.concurrency or options.buyers, label, progress)
     duration_s = time.monotonic() - started
     outcomes = release.outcomes
@@ -294,9 +294,9 @@ def run_phase(
 
 
 @contextmanager
-def pausing(hosts: Target, pause_ms: int | None) -> Iterator[HolderPause | None]:
+def pausing(target: Target, pause_ms: int | None) -> Iterator[HolderPause | None]:
     """Stop the lease holder for ``pause_ms`` during the block (nothing when None)."""
-    cluster = hosts.cluster
+    cluster = target.cluster
     if pause_ms is None or cluster is None or cluster.redis_url is None or cluster.database_url is None:
         yield None
         return
@@ -327,61 +327,78 @@ def release_buyers(
     line, so that after it only the sending is left.
     """
     concurrency = max(1, min(concurrency, buyers))
-    outcomes: list[Outcome | None] = [None] * buyers
-    first_sends: list[float] = []  # when the first buyer of each thread sent, after the start line
-    next_buyer = iter(range(buyers))
-    take_lock = threading.Lock()
-    answered = [0]
-    # Every thread makes its first buyer ready and then waits here, so that the first requests leave together.
+    queue = _BuyerQueue(buyers, label, progress)
     start_line = threading.Barrier(concurrency)
-
-    def take() -> int | None:
-        with take_lock:
-            return next(next_buyer, None)
-
-    def report(index: int, outcome: Outcome) -> None:
-        outcomes[index] = outcome
-        with take_lock:
-            answered[0] += 1
-            done = answered[0]
-        if progress:
-            progress(label, done, buyers)
-
-    def buyer_thread(client: ServiceClient) -> None:
-        def ready(index: int | None) -> Buyer | None:
-            if index is None:
-                return None
-            return Buyer(client.base_url + "/orders", f"buyer-{index + 1}", timeout_s=client.timeout_s)
-
-        index = take()
-        buyer = ready(index)  # the thread's first buyer, ready before the start line
-        # The timeout keeps a thread that could not start from holding the others back forever.
-        with suppress(threading.BrokenBarrierError):
-            start_line.wait(timeout=STARTUP_TIMEOUT_S)
-        first = True
-        while index is not None and buyer is not None:
-            outcome = buyer.buy()
-            if first:
-                with take_lock:
-                    first_sends.append(outcome.invoked_at)
-                first = False
-            report(index, outcome)
-            index = take()
-            buyer = ready(index)
-
     threads = [
-        threading.Thread(target=buyer_thread, args=(clients[n % len(clients)],), name=f"buyer-{n}")
+        threading.Thread(target=_buy_in_turn, args=(clients[n % len(clients)], queue, start_line), name=f"buyer-{n}")
         for n in range(concurrency)
     ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    missing = [index for index, outcome in enumerate(outcomes) if outcome is None]
-    if missing:
-        raise RuntimeError(f"{len(missing)} buyers were never sent (a buyer thread failed)")
-    spread_ms = (max(first_sends) - min(first_sends)) * 1000 if first_sends else 0.0
-    return Release([outcome for outcome in outcomes if outcome is not None], spread_ms)
+    return queue.released()
+
+
+class _BuyerQueue:
+    """The buyers of one phase, handed to the threads one at a time, and what each of them was told."""
+
+    def __init__(self, buyers: int, label: str, progress: ProgressCallback | None) -> None:
+        self.outcomes: list[Outcome | None] = [None] * buyers
+        self.first_sends: list[float] = []  # when the first buyer of each thread sent, after the start line
+        self.label = label
+        self.progress = progress
+        self._next = iter(range(buyers))
+        self._answered = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        """The next buyer's index, or None when every buyer was taken."""
+        with self._lock:
+            return next(self._next, None)
+
+    def report(self, index: int, outcome: Outcome, first: bool) -> None:
+        """Keep what buyer ``index`` was told (``first``: the first send of its thread), and show the progress."""
+        self.outcomes[index] = outcome
+        with self._lock:
+            self._answered += 1
+            answered = self._answered
+            if first:
+                self.first_sends.append(outcome.invoked_at)
+        if self.progress:
+            self.progress(self.label, answered, len(self.outcomes))
+
+    def released(self) -> Release:
+        """Every buyer's outcome, and how far apart the threads' first sends left; RuntimeError if one is missing."""
+        missing = [index for index, outcome in enumerate(self.outcomes) if outcome is None]
+        if missing:
+            raise RuntimeError(f"{len(missing)} buyers were never sent (a buyer thread failed)")
+        sends = self.first_sends
+        spread_ms = (max(sends) - min(sends)) * 1000 if sends else 0.0
+        return Release([outcome for outcome in self.outcomes if outcome is not None], spread_ms)
+
+
+def _buy_in_turn(client: ServiceClient, queue: _BuyerQueue, start_line: threading.Barrier) -> None:
+    """One buyer thread: its first buyer made ready before the start line (every thread waits there, so that the
+    first requests leave together), then one buyer after another until none is left."""
+    index = queue.take()
+    buyer = _ready(client, index)
+    # The timeout keeps a thread that could not start from holding the others back forever.
+    with suppress(threading.BrokenBarrierError):
+        start_line.wait(timeout=STARTUP_TIMEOUT_S)
+    first = True
+    while index is not None and buyer is not None:
+        queue.report(index, buyer.buy(), first)
+        first = False
+        index = queue.take()
+        buyer = _ready(client, index)
+
+
+def _ready(client: ServiceClient, index: int | None) -> Buyer | None:
+    """Buyer ``index``, its request to ``client`` prepared; None when there is no buyer left."""
+    if index is None:
+        return None
+    return Buyer(client.base_url + "/orders", f"buyer-{index + 1}", timeout_s=client.timeout_s)
 
 
 def _percentile(sorted_values: Sequence[float], percent: float) -> float:

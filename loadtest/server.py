@@ -2,7 +2,9 @@
 
 gunicorn (``embedded.py``), PostgreSQL (``postgres.py``) and Redis (``redis_server.py``) each start in a process
 group of their own. Stopping sends the server's own stop signal to the group, waits, then SIGKILLs whatever is
-left, and checks by PID, from ``/proc``, that nothing of it remains.
+left, and checks by PID, from ``/proc``, that nothing of it remains. A server made in a temporary folder deletes
+it when its ``with`` block ends (``stop`` alone keeps it, so that ``start`` serves the same data again), and a
+start that fails or is interrupted (Ctrl-C while gunicorn boots) stops what it started before it raises.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -30,15 +33,28 @@ class ServerProcess(ABC):
     stop_timeout_s: ClassVar[float] = STOP_TIMEOUT_S
     process: subprocess.Popen[bytes] | None
     log_path: Path
+    _temporary: tempfile.TemporaryDirectory[str] | None = None  # the folder it made for itself, if it made one
 
     def __enter__(self) -> Self:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        self.stop()
+        self.close()
+
+    def close(self) -> None:
+        """Stop the server, then delete the temporary folder it made, if it made one."""
+        try:
+            self.stop()
+        finally:
+            if self._temporary:
+                self._temporary.cleanup()
 
     @abstractmethod
     def start(self) -> None:

@@ -6,9 +6,8 @@ not held to one core by Python's GIL, issue #6), each driving several connection
 connection sending its next request the moment the previous answer is read. Every connection is an
 ``http.client.HTTPConnection``, which keeps the socket open when the server allows keep-alive and reconnects
 by itself when the server closes it (gunicorn's sync workers close after every response). Not ``requests``, as
-the buyers: here the client's CPU is what limits the figure, and on this project's 2-core machine a
-``requests.Session`` spent 1,811 µs of CPU per request where ``http.client`` spent 476 µs (one thread, a new
-connection each, 400 GETs of /health from a 2-worker embedded service).
+the buyers: here the client's CPU is what limits the figure, and requests spends several times as much of it per
+request (measured in docs/load-tester.md).
 
 ``run`` takes ``ThroughputOptions`` and returns a ``ThroughputResult`` of plain data; it never raises for a
 failed request: refused connections, resets and timeouts are counted by name in ``errors``.

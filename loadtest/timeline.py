@@ -161,7 +161,7 @@ def render_text(
         for count, group in sorted(shared.items(), key=lambda item: item[1][0].read_at):
             marks = marks.ljust(max(column(group[0].read_at), len(marks) + 1 if marks else 0)) + f"^{count}"
         lines.append(f"  {'same read':>{name_width}} |{marks}")
-        lines.append(f"  ^N: {len(shared)} counts were read by several workers at once; {shared_words}.")
+        lines.append(f"  ^N: {_counts_were(len(shared))} read by several workers at once; {shared_words}.")
     elif overlapping_pairs(bars):
         lines.append(f"  {CHECKED_OVERLAP}")
     else:
@@ -284,9 +284,13 @@ def _svg_legend(bars: Sequence[Bar], shared: dict[int, list[Bar]], mode: str) ->
     """What the section shows, in one sentence."""
     if shared:
         return (
-            f"{len(shared)} counts were read by several workers at once (same colour, dashed line): "
+            f"{_counts_were(len(shared))} read by several workers at once (same colour, dashed line): "
             f"{mode_words(mode)[1].replace('N-1', 'count - 1')}."
         )
     if overlapping_pairs(bars):
         return CHECKED_OVERLAP
     return "Bars never overlap: every sale read the count the previous sale wrote."
+
+
+def _counts_were(number: int) -> str:
+    return "1 count was" if number == 1 else f"{number} counts were"

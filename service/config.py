@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from service.lock_service import TIMEOUT_S as LOCK_SERVICE_TIMEOUT_S
 from service.modes import MODES
 
 MAX_RACE_WINDOW_MS = 5_000
@@ -26,6 +27,7 @@ MAX_TICKETS = 1_000_000_000
 MAX_LOCK_TIMEOUT_S = 20
 MIN_LEASE_MS, MAX_LEASE_MS = 10, 10_000
 MAX_BUCKETS = 1_000
+FLUSH_AFTER_DEADLINE_S = 1.0  # the least a file store's flush may wait for its lock once the deadline passed
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # An event-loop worker (gevent, eventlet) would block all its requests in the file lock's kernel wait.
 WORKER_CLASSES = ("sync", "gthread")
@@ -254,8 +256,9 @@ SETTINGS = (
         "lock_timeout_s",
         5.0,
         seconds(MAX_LOCK_TIMEOUT_S),
-        "a purchase's one deadline: its waits for locks (the file's, the thread's, the database's) and its "
-        "attempts (the optimistic and repeatable-read modes start again) together end this many seconds after it "
+        "a purchase's one deadline: its waits for locks (the file's, the thread's, the database's, the lease) and "
+        "its attempts (a purchase starts again after a conflicting write, a superseded lease token or a mode "
+        "switch) together end this many seconds after it "
         f"began, else 503 `lock_timeout` or `too_many_conflicts` with `Retry-After`, nothing sold (at most "
         f"{MAX_LOCK_TIMEOUT_S})",
         "`5`",
@@ -265,7 +268,8 @@ SETTINGS = (
         "max_attempts",
         20,
         whole_number(1),
-        "attempts of an optimistic or repeatable-read purchase before it answers 503 `too_many_conflicts`",
+        "attempts of a purchase that starts again (optimistic, repeatable-read, fenced-lease, a mode switch) before it "
+        "answers 503 `too_many_conflicts`",
     ),
     Setting(
         "TICKETLOCK_DATABASE_TIMEOUT",
@@ -343,8 +347,10 @@ SETTINGS = (
         "worker_timeout_s",
         30,
         whole_number(1),
-        "seconds before gunicorn replaces a silent worker (must exceed the lock timeout + "
-        f"{MAX_RACE_WINDOW_MS // 1000} s, + the database timeout with PostgreSQL)",
+        "seconds before gunicorn replaces a silent worker: it must exceed the longest purchase, which the start "
+        f"checks (the lock timeout + {MAX_RACE_WINDOW_MS // 1000} s, + {FLUSH_AFTER_DEADLINE_S:g} s for the file "
+        "store's flush or the database timeout, twice with a lock service, + "
+        f"{2 * LOCK_SERVICE_TIMEOUT_S:g} s with a lock service)",
         server=True,
     ),
     Setting("TICKETLOCK_LOG_LEVEL", "log_level", "info", one_of(*LOG_LEVELS), "gunicorn's log level", server=True),
@@ -374,22 +380,36 @@ def load_config(overrides: Mapping[str, object] | None = None, environ: Mapping[
 
 
 def load_server_settings(environ: Mapping[str, str] = os.environ) -> ServerSettings:
-    """gunicorn's settings, checked against the app's: a waiting buyer must get its 503 before the worker dies.
-
-    A purchase's waits end at its deadline (the lock timeout), its work (the race window) may start just before,
-    and with a database its write may then take one more database timeout.
-    """
+    """gunicorn's settings, checked against the app's: a waiting buyer must get its 503 before the worker dies."""
     server = ServerSettings(**_values([setting for setting in SETTINGS if setting.server], environ))
-    config = load_config(environ=environ)
-    database_timeout_s = config.database_timeout_s if config.database_url else 0
-    longest_wait_s = config.lock_timeout_s + MAX_RACE_WINDOW_MS / 1000 + database_timeout_s
+    longest_wait_s, parts = longest_purchase_s(load_config(environ=environ))
     if longest_wait_s >= server.worker_timeout_s:
         raise ConfigError(
-            f"TICKETLOCK_WORKER_TIMEOUT={server.worker_timeout_s} must exceed the lock timeout plus the longest "
-            f"race window{' plus the database timeout' if database_timeout_s else ''} ({longest_wait_s:g} s), or "
+            f"TICKETLOCK_WORKER_TIMEOUT={server.worker_timeout_s} must exceed {parts} ({longest_wait_s:g} s), or "
             "gunicorn would kill a worker whose buyer is still waiting"
         )
     return server
+
+
+def longest_purchase_s(config: Config) -> tuple[float, str]:
+    """How long a purchase can take at the most, and what that is made of.
+
+    Its waits end at its deadline (the lock timeout), and its work (the race window) may start just before. After
+    the deadline, a file store's flush may still wait FLUSH_AFTER_DEADLINE_S for its lock; with a database, each
+    of the write's round trips (two under a fenced lease: a new transaction, then the write) has the database
+    timeout; with a lock service, each of its calls (the grant under way, the release) LOCK_SERVICE_TIMEOUT_S.
+    """
+    parts = [("the lock timeout", config.lock_timeout_s), ("the longest race window", MAX_RACE_WINDOW_MS / 1000)]
+    if config.database_url:
+        if config.redis_url:
+            parts.append(("2 database timeouts", 2 * config.database_timeout_s))
+        else:
+            parts.append(("the database timeout", config.database_timeout_s))
+    else:
+        parts.append(("the journal's flush", FLUSH_AFTER_DEADLINE_S))
+    if config.redis_url:
+        parts.append(("2 lock service timeouts", 2 * LOCK_SERVICE_TIMEOUT_S))
+    return sum(seconds for _, seconds in parts), " plus ".join(name for name, _ in parts)
 
 
 def _values(settings: list[Setting], environ: Mapping[str, str]) -> dict[str, Any]:

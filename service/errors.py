@@ -107,7 +107,7 @@ class LockTimeout(BookingError, TimeoutError):
 
 
 class TooManyConflicts(BookingError):
-    """An optimistic or repeatable-read purchase lost every attempt to concurrent writers; nothing was sold."""
+    """Every attempt of a purchase met a concurrent write, a newer lease token or a mode switch; nothing was sold."""
 
     status = 503
     code = "too_many_conflicts"

@@ -62,7 +62,11 @@ class Grant:
 
 
 class FencedLease(Lock):
-    """redis-py's lease, granted by the script that also hands out the fencing token."""
+    """redis-py's lease, granted by the script that also hands out the fencing token.
+
+    It overrides two of redis-py's own hooks (``register_scripts``, ``do_acquire``), which is why pyproject.toml pins
+    redis-py to one major version.
+    """
 
     lua_grant: Any = None
 
@@ -79,7 +83,8 @@ class FencedLease(Lock):
 
     def do_acquire(self, token: str) -> bool:
         granted_at = time.time()
-        fence = self.lua_grant(keys=[LEASE_KEY, FENCE_KEY], args=[token, self.lease_ms, self.floor])
+        # On this lease's own client: a registered script otherwise runs on the first client that registered it.
+        fence = self.lua_grant(keys=[LEASE_KEY, FENCE_KEY], args=[token, self.lease_ms, self.floor], client=self.redis)
         if fence is None:
             return False
         self.grant = Grant(fence=int(fence), until=granted_at + self.lease_ms / 1000)
@@ -118,12 +123,6 @@ class LockService:
     def learn_fence(self, fence: int) -> None:
         """The store holds token ``fence``: this worker's next token will be larger (after a Redis restart)."""
         self.newest_fence_seen = max(self.newest_fence_seen, fence)
-
-    def holder(self) -> str | None:
-        """Who holds the lease now (host, worker pid, a random part), or None."""
-        with self._reaching("read the lease"):
-            value = self.client.get(LEASE_KEY)
-        return value.decode() if isinstance(value, bytes) else None
 
     def check(self) -> None:
         """A round trip to the lock service (GET /health): LockUnavailable if it does not answer."""

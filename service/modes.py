@@ -98,11 +98,6 @@ class Mode:
     isolation: Isolation = Isolation.READ_COMMITTED
     lapse: Lapse | None = None  # for a guard that runs out by itself: a holder that outlives it
 
-    @property
-    def retries(self) -> bool:
-        """Whether a conflicting write makes the purchase start again (optimistic writes, repeatable read)."""
-        return self.write is Write.IF_VERSION or self.isolation is Isolation.REPEATABLE_READ
-
     def needs(self) -> frozenset[Feature]:
         """What a store must declare among its features to run this mode."""
         return self.guard.needs | {self.read, self.write, self.isolation}

@@ -121,7 +121,7 @@ def _attempt(
 
     # Durable before the 201, but flushed after the guard is released, so that buyers queue behind the guard
     # and not behind the disk (docs/file-store.md, "Durability").
-    store.make_durable(order, idempotent)
+    store.make_durable(order, idempotent, deadline)
     return Purchase(order, replayed)
 
 

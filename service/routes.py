@@ -6,6 +6,7 @@ import hmac
 import json
 import os
 from dataclasses import asdict
+from functools import partial
 from importlib import resources
 from typing import Any
 
@@ -16,7 +17,7 @@ from service.config import Config
 from service.errors import BookingError, OrderNotFound, Unauthorized, Unhealthy
 from service.modes import TABLE, Mode
 from service.purchase import purchase
-from service.stores import Inventory, RuntimeSettings, Store
+from service.stores import Inventory, RuntimeSettings, Store, what_mode_needs
 
 bp = Blueprint("booking", __name__)
 
@@ -87,7 +88,7 @@ def create_order() -> tuple[Response, int, dict[str, str]]:
     """POST /orders {"buyer", "quantity"?} -> 201 the order; 200 a replay of the same Idempotency-Key.
 
     Errors: 400 bad body, 409 sold_out, 422 Idempotency-Key reused with another body, 500 store trouble,
-    503 lock_timeout, too_many_conflicts, store_unavailable or outcome_unknown.
+    503 lock_timeout, too_many_conflicts, store_unavailable, lock_unavailable or outcome_unknown.
     """
     purchase_request = validation.order_request(
         validation.json_object(request, required=True), request.headers.get("Idempotency-Key")
@@ -156,7 +157,9 @@ def put_mode() -> Response:
     """
     store = _store()
     _require_admin(_config())
-    change = validation.settings_change(validation.json_object(request, required=True), store.available_modes())
+    change = validation.settings_change(
+        validation.json_object(request, required=True), store.available_modes(), partial(what_mode_needs, store)
+    )
     settings = store.change_settings(change)
     current_app.logger.info("purchase settings now %s", settings)
     return jsonify(asdict(settings))

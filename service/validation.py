@@ -6,7 +6,7 @@ import ipaddress
 import json
 import re
 import unicodedata
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -88,8 +88,9 @@ def order_request(data: dict[str, Any], idempotency_key: str | None) -> Purchase
     )
 
 
-def settings_change(data: dict[str, Any], available: list[Mode]) -> dict[str, Any]:
-    """``PUT /mode``: ``{"mode": one of ``available``, "race_window_ms": 0..5000}``, at least one of them."""
+def settings_change(data: dict[str, Any], available: list[Mode], needs: Callable[[Mode], str]) -> dict[str, Any]:
+    """``PUT /mode``: ``{"mode": one of ``available``, "race_window_ms": 0..5000}``, at least one of them; ``needs``
+    names what this service lacks to run another mode."""
     _only(data, "mode", "race_window_ms")
     names = ", ".join(f'"{mode.name}"' for mode in available)
     if not data:
@@ -100,11 +101,8 @@ def settings_change(data: dict[str, Any], available: list[Mode]) -> dict[str, An
         if not isinstance(mode, str) or mode not in MODES:
             raise InvalidRequest(f"Unknown mode {str(mode)[:40]!r}: use one of {names}.", code="unknown_mode")
         if MODES[mode] not in available:
-            needed = (
-                "a lock service (TICKETLOCK_REDIS_URL)" if MODES[mode].lapse else "a database (TICKETLOCK_DATABASE_URL)"
-            )
             raise InvalidRequest(
-                f"The {mode!r} mode needs {needed}; this service runs {names}.", code="mode_not_available"
+                f"The {mode!r} mode needs {needs(MODES[mode])}; this service runs {names}.", code="mode_not_available"
             )
         change["mode"] = mode
     if "race_window_ms" in data:

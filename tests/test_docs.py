@@ -16,6 +16,7 @@ import pytest
 
 from loadtest.embedded import EmbeddedService
 from service.config import configuration_table
+from service.modes import MODES
 from tests.conftest import ROOT, run_cli
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -27,6 +28,19 @@ def test_the_readme_configuration_table_is_the_declared_settings() -> None:
     readme = (ROOT / "README.md").read_text()
 
     assert configuration_table() in readme, configuration_table()
+
+
+def test_the_readmes_critical_section_is_the_code_and_names_every_guard() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## From the route to the critical section") :]
+    snippet = section[section.index("```python") : section.index("```", section.index("```python") + 3)]
+    code = (ROOT / "service" / "purchase.py").read_text()
+    code_lines = {line.strip() for line in code.splitlines()}
+    listed = set(re.findall(r"`(\w+)`", section[: section.index("| file |")]))
+
+    missing = [line.strip() for line in snippet.splitlines()[1:] if line.strip() and "..." not in line]
+    assert [line for line in missing if line not in code_lines] == []
+    assert {type(mode.guard).__name__ for mode in MODES.values()} <= listed
 
 
 def _anchors(page: Path) -> set[str]:

@@ -136,3 +136,24 @@ def test_a_restart_applies_nothing_that_db_json_already_counts(tmp_path: Path) -
     FileStore(config).prepare()  # a restart after a clean stop (or a crash of processes, not of the machine)
 
     assert store.read_inventory().remaining == 4
+
+
+def test_a_worker_started_without_the_start_step_brings_db_json_up_to_date_before_its_first_sale(
+    tmp_path: Path,
+) -> None:
+    # gunicorn 'service:create_app()' and flask run never run prepare(): each worker does its redo itself.
+    config = load_config({"db_path": tmp_path / "db.json", "race_window_ms": 0})
+    store = FileStore(config)
+    store.prepare()
+    store.reset(tickets=10, event=None)
+    purchase(store, PurchaseRequest("first", 1), config)
+    after_the_first_sale = read_db(tmp_path / "db.json")
+    for buyer in ("ana", "bo", "cy"):
+        purchase(store, PurchaseRequest(buyer, 1), config)
+    (tmp_path / "db.json").write_text(json.dumps(after_the_first_sale))  # what a power cut can leave
+
+    worker = FileStore(config)  # a new worker process's store, no prepare()
+    sold = purchase(worker, PurchaseRequest("after", 1), config).order
+
+    assert sold["remaining"] == 5  # 10 - 4 journaled - this one: not the stale 9 - 1
+    assert worker.read_inventory().remaining == 5

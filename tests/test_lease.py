@@ -142,13 +142,16 @@ def test_redis_away_refuses_the_lease_modes_with_503_and_the_other_modes_still_s
     api.reset(tickets=10)
     redis_server.stop()
     try:
-        api.put("/mode", {"mode": "lease"})
+        to_lease = api.put("/mode", {"mode": "lease"})
         refused = api.post("/orders", {"buyer": "ana"})
         health = api.get("/health")
-        api.put("/mode", {"mode": "atomic"})
+        to_atomic = api.put("/mode", {"mode": "atomic"})
         sold = api.post("/orders", {"buyer": "bo"})
     finally:
         redis_server.start()
+
+    # The switch itself needs only the store: a mode is available when the service was given a lock service.
+    assert (to_lease.status_code, to_atomic.status_code) == (200, 200), (to_lease.text, to_atomic.text)
 
     assert (refused.status_code, refused.json()["error"], refused.headers["Retry-After"]) == (
         503,

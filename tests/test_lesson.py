@@ -69,7 +69,8 @@ def test_start_each_child_is_the_lessons_and_proc_agrees(lesson: Any) -> None:
 
     children = figures["children"]
     assert set(children) == {"buyer-target", "buyer-subclass"} and len(set(children.values())) == 2
-    assert all(f"ppid {figures['parent']}" in line for line in step(lesson, "start")["story"] if "/proc" in line)
+    proc_lines = [line for line in step(lesson, "start")["story"] if "/proc" in line]
+    assert proc_lines and all(f"ppid {figures['parent']}" in line for line in proc_lines), proc_lines
 
 
 def test_join_after_each_start_runs_the_buyers_one_at_a_time(lesson: Any) -> None:

@@ -75,7 +75,7 @@ def test_a_safe_mode_is_not_oversold_by_unlocked_purchases_still_in_flight(
     with ThreadPoolExecutor(max_workers=1) as pool:
         straggler = pool.submit(api.post, "/orders", {"buyer": "straggler"})
         _wait_for_shared_holders(service, 1)
-        api.put("/mode", {"mode": safe_mode})
+        assert api.put("/mode", {"mode": safe_mode}).status_code == 200
         late = api.post("/orders", {"buyer": "late"})
         assert straggler.result().status_code == 201
 

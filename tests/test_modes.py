@@ -149,6 +149,10 @@ def test_a_mode_the_file_store_cannot_run_is_refused_with_the_modes_it_can(api: 
 
         assert (response.status_code, response.json()["error"]) == (400, "mode_not_available")
         assert all(f'"{name}"' in response.json()["message"] for name in FILE_MODES)
+        assert "needs the postgres store (TICKETLOCK_DATABASE_URL);" in response.json()["message"]
+    lease, fenced = (api.put("/mode", {"mode": mode}).json()["message"] for mode in ("lease", "fenced-lease"))
+    assert "'lease' mode needs a lock service (TICKETLOCK_REDIS_URL);" in lease
+    assert "needs the postgres store (TICKETLOCK_DATABASE_URL) and a lock service (TICKETLOCK_REDIS_URL);" in fenced
     assert api.get("/mode").json()["mode"] == "locked"
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from loadtest.server import processes_in_group
+from loadtest.server import descendants, processes_in_group
 from tests.conftest import ROOT, Api
 
 BIN = Path(sys.executable).parent
@@ -112,3 +112,46 @@ def test_a_port_in_use_stops_the_start_with_one_line_naming_the_address_and_the_
     assert completed.returncode != 0 and len(lines) == 1, completed.stderr
     assert address in lines[0] and "TICKETLOCK_BIND" in lines[0]
     assert "[ERROR]" not in completed.stderr and "Traceback" not in completed.stderr
+
+
+# A worker that never finishes booting: its master runs, GET /health never answers.
+NEVER_READY_APP = "import time\ntime.sleep(60)\n"
+NEVER_READY_CONF = (
+    "wsgi_app = 'never_ready:app'\npythonpath = {folder!r}\nworkers = 1\ngraceful_timeout = 1\n"
+    "control_socket_disable = True\n"
+)
+START_EMBEDDED = (
+    "import pathlib, sys\n"
+    "from loadtest.embedded import EmbeddedService\n"
+    "with EmbeddedService(workers=1, gunicorn_config=pathlib.Path(sys.argv[1])):\n"
+    "    pass\n"
+)
+
+
+def test_ctrl_c_while_gunicorn_starts_stops_it_and_deletes_its_folder(tmp_path: Path) -> None:
+    (tmp_path / "never_ready.py").write_text(NEVER_READY_APP)
+    config = tmp_path / "never_ready.conf.py"
+    config.write_text(NEVER_READY_CONF.format(folder=str(tmp_path)))
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    starter = subprocess.Popen(
+        [sys.executable, "-c", START_EMBEDDED, str(config)],
+        cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(temporary)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(gunicorn := descendants(starter.pid)) < 2:  # the master, and its worker booting
+            assert starter.poll() is None and time.monotonic() < deadline, "gunicorn did not start"
+            time.sleep(0.02)
+        starter.send_signal(signal.SIGINT)
+        _, stderr = starter.communicate(timeout=30)
+    finally:
+        starter.kill()
+        starter.wait()
+
+    assert "KeyboardInterrupt" in stderr.decode()
+    assert not [pid for pid in gunicorn if processes_in_group(pid)], "gunicorn outlived the interrupted start"
+    assert list(temporary.iterdir()) == []

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 from loadtest.lesson.processes import Ledger, become_subreaper, ended, reap, service, status, wait_until
 from loadtest.lesson.step import Step
 
-WORKER_TIMEOUT_S = 7  # gunicorn's worker timeout here: its workers wake at least every 3.5 s (the least allowed
-# with a 1 s lock timeout, service/config.py: the lock timeout plus the longest race window, 5 s, plus 1)
+WORKER_TIMEOUT_S = 8  # gunicorn's worker timeout here: its workers wake at least every 4 s (the least allowed
+# with a 1 s lock timeout, service/config.py's longest purchase: 1 s, the longest race window, 5 s, the flush, 1 s)
 SETTINGS = {"TICKETLOCK_LOCK_TIMEOUT": "1", "TICKETLOCK_WORKER_TIMEOUT": str(WORKER_TIMEOUT_S)}
 ADOPTED_WITHIN_S = 5.0
 EXIT_WITHIN_S = WORKER_TIMEOUT_S / 2 + 5.0  # their longest sleep in select(), and a margin for a busy machine

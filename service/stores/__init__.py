@@ -5,6 +5,8 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from service.config import Config, ConfigError
+from service.guards import SERVICES
+from service.modes import Mode
 from service.stores.base import Feed, IdempotentRequest, Inventory, Order, RuntimeSettings, Store
 from service.stores.file import FileStore
 from service.stores.postgres import PostgresStore
@@ -20,6 +22,7 @@ __all__ = [
     "RuntimeSettings",
     "Store",
     "open_store",
+    "what_mode_needs",
 ]
 
 DEFAULT_STORE: type[Store] = FileStore  # without TICKETLOCK_DATABASE_URL: db.json on this host
@@ -42,3 +45,14 @@ def open_store(config: Config) -> Store:
             f"TICKETLOCK_DATABASE_URL={config.masked_database_url!r}: no store opens {scheme}:// URLs; use {known}"
         )
     return store(config)
+
+
+def what_mode_needs(store: Store, mode: Mode) -> str:
+    """What this service lacks to run ``mode``, named by the setting that gives it ("" if nothing)."""
+    lacking = []
+    if not mode.needs() <= store.features | SERVICES:
+        kinds = " or ".join(kind.kind for kind in STORES if kind.supports(mode, SERVICES))
+        lacking.append(f"the {kinds} store (TICKETLOCK_DATABASE_URL)")
+    if mode.needs() & SERVICES - store.services:
+        lacking.append("a lock service (TICKETLOCK_REDIS_URL)")
+    return " and ".join(lacking)

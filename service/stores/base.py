@@ -310,7 +310,9 @@ class Store(ABC):
         StoreUnavailable when the store cannot be reached.
         """
 
-    def make_durable(self, order: Order, request: IdempotentRequest | None) -> None:  # noqa: B027 - optional hook
+    def make_durable(  # noqa: B027 - optional hook
+        self, order: Order, request: IdempotentRequest | None, deadline: Deadline
+    ) -> None:
         """Make a recorded order survive a crash before its buyer is told (a store that commits needs nothing)."""
 
 

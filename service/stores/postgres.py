@@ -302,9 +302,10 @@ SELECT n, remaining / %(buckets)s + (n <= remaining %% %(buckets)s)::integer
 FROM inventory, generate_series(1, %(buckets)s::integer) AS n WHERE inventory.id = 1"""
 EMPTY_THE_ROW = "UPDATE inventory SET remaining = 0, version = version + 1 WHERE id = 1"
 COUNT_ORDERS = "SELECT count(*) AS count FROM orders"
-REFUSALS = """
+REFUSALS_SHOWN = 1000  # GET /refusals: the oldest ones, as many as a page can draw
+REFUSALS = f"""
 SELECT buyer, quantity, remaining, fence, newest, worker_pid, host, started_at, read_at, refused_at, lease_until
-FROM refusals ORDER BY seq LIMIT 1000"""
+FROM refusals ORDER BY seq LIMIT {REFUSALS_SHOWN}"""
 PAGE_OF_ORDERS = f"SELECT {ORDER_COLUMNS} FROM orders ORDER BY seq LIMIT %s OFFSET %s"
 FIND_ORDER = f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = %s"
 # One statement, one snapshot: the generation and the orders can never come from two sides of a reset.

@@ -25,6 +25,7 @@ db.json reflects (a redo, as a database replays its log), and logs how many (doc
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from service import flock
-from service.config import MAX_RACE_WINDOW_MS, Config
+from service.config import FLUSH_AFTER_DEADLINE_S, MAX_RACE_WINDOW_MS, Config
 from service.deadline import Deadline
 from service.errors import Conflict, OrderNotDurable, StoreDamaged, StoreWriteFailed
 from service.guards import NOTHING_SOLD, Holding
@@ -92,6 +93,7 @@ class FileStore(Store):
         self.lock_timeout_s = config.lock_timeout_s
         self.journal = Journal(self._beside("orders"), config.lock_timeout_s)
         self.keys = IdempotencyKeys(self._beside("keys"), self.journal.find, _damage_of("key"))
+        self.up_to_date_in: int | None = None  # the process that brought db.json up to date with the journal
 
     def _beside(self, suffix: str) -> Path:
         return self.path.with_name(f"{self.path.name}.{suffix}")
@@ -105,6 +107,7 @@ class FileStore(Store):
     def prepare(self) -> None:
         """Delete what killed writers left, create missing files, and apply the configured mode and window."""
         temporaries = [*self.path.parent.glob(f".{self.path.name}.*.tmp"), *self.keys.leftover_candidates()]
+        self.up_to_date_in = os.getpid()
         for leftover in remove_leftovers(temporaries):
             log.warning("removed %s, left by a writer that was killed", leftover)
         # At start, db.json may be created while the journal holds no orders (below, on first use, only while
@@ -114,7 +117,7 @@ class FileStore(Store):
         self.journal.forget_flushes()  # the journal may have been replaced, or cut, while the service was stopped
         self._apply_journal()
 
-    def _apply_journal(self) -> None:
+    def _apply_journal(self, *, say_so_when_nothing: bool = True) -> None:
         """Bring db.json's count up to date with the orders journaled after what it reflects (a power cut can leave
         it older than the journal, which was flushed before every 201). The memory mode's orders never moved the
         count and are left out; a count never goes below 0. A db.json that does not say what it reflects (written
@@ -136,7 +139,8 @@ class FileStore(Store):
             if redo:
                 self._write_inventory(after, end)
         if not redo:
-            log.info("db.json is up to date: no order that moves the count was journaled after what it reflects")
+            if say_so_when_nothing:
+                log.info("db.json is up to date: no order that moves the count was journaled after what it reflects")
             return
         log.warning(
             "db.json brought up to date with the journal: %d orders were journaled after the %d bytes its count "
@@ -149,6 +153,14 @@ class FileStore(Store):
             after.remaining,
             len(later) - len(redo),
         )
+
+    def _bring_up_to_date(self) -> None:
+        """Once in each worker process, before its first sale: what ``prepare`` does at start, for a service that
+        gunicorn started without the project's settings (``gunicorn 'service:create_app()'``, ``flask run``).
+        db.json then reflects the whole journal, so every later call finds nothing to redo."""
+        if self.up_to_date_in != os.getpid():
+            self._apply_journal(say_so_when_nothing=False)
+            self.up_to_date_in = os.getpid()
 
     def check(self) -> None:
         """db.json and the settings file read and valid (else StoreDamaged), and a new file can be made in their
@@ -243,6 +255,7 @@ class FileStore(Store):
         """Hold the host's lock file shared for the whole sale, and check that ``settings`` are still the ones in
         force: the settings file is read here only, once per sale (SettingsChanged if a switch came first: the
         purchase starts again in the new mode)."""
+        self._bring_up_to_date()
         with flock.holding(self.lock_path, deadline.left(), NOTHING_SOLD, shared=True):
             self.check_in_force(settings, self.read_settings())
             yield FileSale(self, settings, quantity, deadline)
@@ -288,10 +301,11 @@ class FileStore(Store):
         if request is not None:
             self.keys.complete(request, order)
 
-    def make_durable(self, order: Order, request: IdempotentRequest | None) -> None:
-        """Flush the journal (and the key file) to disk, so the order survives a crash or a power cut."""
+    def make_durable(self, order: Order, request: IdempotentRequest | None, deadline: Deadline) -> None:
+        """Flush the journal (and the key file) to disk, so the order survives a crash or a power cut; the wait for
+        the flush lock ends at the purchase's deadline, or FLUSH_AFTER_DEADLINE_S from now if that is later."""
         try:
-            self.journal.flush()
+            self.journal.flush(max(deadline.left(), FLUSH_AFTER_DEADLINE_S))
             if request is not None:
                 self.keys.make_durable(request)
         except OSError as error:  # LockTimeout too: the disk stalled

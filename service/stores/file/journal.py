@@ -101,8 +101,9 @@ class Journal:
         self.forget_flushes()
         return Reflects(journal_id, len(header))
 
-    def flush(self) -> None:
-        """fsync the journal, unless an fsync that began after everything now in it was written already did.
+    def flush(self, timeout_s: float) -> None:
+        """fsync the journal, unless an fsync that began after everything now in it was written already did; the
+        wait for the flush lock lasts ``timeout_s`` at the most.
 
         This is group commit: while one worker's fsync runs, the workers that appended meanwhile queue for the
         flush lock; the first of them then flushes all their lines with one fsync, and the others find theirs on
@@ -111,7 +112,7 @@ class Journal:
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             written = os.fstat(fd)  # this worker's line is in there, and perhaps others' after it
-            with flock.holding(self.flushed_path, self.lock_timeout_s, "the order was not flushed") as record:
+            with flock.holding(self.flushed_path, timeout_s, "the order was not flushed") as record:
                 inode, flushed = read_flushed(record)
                 if inode == written.st_ino and written.st_size <= flushed:
                     return
