@@ -1,12 +1,14 @@
-"""Issue #12's benchmark: what the lock costs, measured by a client that is not ours (wrk), in one run.
+"""Issue #20's benchmark: the database path near its bound, the hot row split, the file path against the framework.
 
     python bench/bench.py                      # every section (make bench)
-    python bench/bench.py --sections lock      # goals 1, 2 and 4 only
-    python bench/bench.py --seconds 3 --rounds 2 --sections lock,workers   # shorter
+    python bench/bench.py --sections file      # goal 4 only
+    python bench/bench.py --seconds 3 --rounds 2 --sections round-trips,postgres   # shorter
 
-What: the lock's cost at saturation (goal 1), the critical section from the orders' own timing (2), 1 to 8
-workers (3), the framework floor beside a CPU profile of a locked request (4), and every mode of both stores
-beside pgbench (5); each table's notes say how its goal is judged. Why one run: every figure is Debian's ``wrk``
+What: a purchase's round trips to PostgreSQL, counted by a proxy between the service and the database (goal 1);
+every mode of both stores at race window 0 and 20 ms, the postgres modes on 3 hosts x 4 workers (goal 2: each
+correct mode against unlocked; goal 5: buckets against row-lock at 20 ms), pgbench on the same database (goal 3),
+and the file store beside the framework floor with a CPU profile of a locked request (goal 4); each table's notes
+say how its goal is judged. Why one run: every figure is Debian's ``wrk``
 against real gunicorn servers on loopback, side by side, so that a ratio compares runs made minutes apart on
 one machine. Every server started is stopped and checked gone by PID. Figures, with the machine and commit
 they come from: bench/RESULTS.md.
@@ -27,18 +29,23 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from flask.testing import FlaskClient
+
 from loadtest.client import ServiceClient
 from loadtest.cluster import Cluster
+from loadtest.database_proxy import DatabaseProxy
 from loadtest.embedded import EmbeddedService
-from loadtest.postgres import find_binaries
-from loadtest.runner import Latency
-from service.guards import SERVICES
+from loadtest.postgres import DATABASE, USER, ThrowawayPostgres, find_binaries
+from loadtest.redis_server import ThrowawayRedis
+from service import create_app, prepare_for_start
+from service.guards import SERVICES, Ability
 from service.modes import MODES, Mode
 from service.stores.file import FileStore
 from service.stores.postgres import INVENTORY_LOCK, LOCK_CLASS, PostgresStore
@@ -46,21 +53,22 @@ from service.stores.postgres import INVENTORY_LOCK, LOCK_CLASS, PostgresStore
 HERE = Path(__file__).resolve().parent
 TICKETS = 1_000_000_000  # never sold out during a run
 WORKERS = 4
-CONNECTIONS = (16, 32, 64)
 REFERENCE_CONNECTIONS = 32
-WORKER_COUNTS = (1, 2, 4, 8)
 WINDOWS_MS = (0, 20)
 HOSTS = 3
 CONNECTIONS_PER_HOST = 16
 PGBENCH_CLIENTS = (4, HOSTS * WORKERS)  # the issue's pgbench figure had 4; the service has 12 workers
-SATURATED_WITHIN = 1.05  # unlocked req/s may rise this much with twice the connections and still be saturated
 CPU_BOUND_AT = 0.90  # of every core busy
+COUNTED_PURCHASES = 20  # per mode, for the round trips, after as many to warm up
 
-LOCKED_THROUGHPUT_AT_LEAST = 0.90
-LOCKED_P99_AT_MOST = 1.5
-CRITICAL_SECTION_P50_MS_AT_MOST = 0.5
-LOCKED_FLOOR_AT_LEAST = 0.5
-CORRECT_POSTGRES_AT_LEAST = 0.8
+ROUND_TRIPS_AT_MOST = {"atomic": 1}  # goal 1: any other mode at most 2
+ROUND_TRIPS_OTHERWISE = 2
+SHARE_OF_UNLOCKED_AT_LEAST = {"optimistic": 0.8, "repeatable-read": 0.8}  # goal 2: any other correct mode 0.9
+SHARE_OF_UNLOCKED_OTHERWISE = 0.9
+SHARE_OF_PGBENCH_AT_LEAST = 0.5  # goal 3
+LOCKED_FLOOR_AT_LEAST = 0.5  # goal 4
+BUCKETS_OVER_ROW_LOCK_AT_LEAST = 5.0  # goal 5, at the 20 ms window
+SPLIT_WINDOW_MS = 20
 
 WRK_INSTALL_HINT = "wrk is not installed: sudo apt-get install wrk"
 WRK_POST = """\
@@ -380,112 +388,21 @@ def verdict(passed: bool, counted: bool = True) -> str:
     return "PASS" if passed else "FAIL"
 
 
-def lock_section(bench: Bench, report: Report) -> None:
-    """Goals 1, 2 and 4: 4 workers at 16, 32 and 64 connections, the floor beside them, and a CPU profile."""
+def file_section(bench: Bench, report: Report) -> None:
+    """Goal 4: the file store's unlocked and locked beside the framework floor, in rounds, then a CPU profile."""
     with (
         EmbeddedService(workers=WORKERS, race_window_ms=0) as service,
         EmbeddedService(workers=WORKERS, gunicorn_config=HERE / "floor.conf.py") as floor_server,
     ):
         target = service_target("file", [service.url], service.worker_pids)
         floor = Target("floor", [floor_server.url], floor_server.worker_pids)
-        by_connections: dict[int, dict[str, list[Figures]]] = {}
-        recorded: dict[str, list[list[dict[str, Any]]]] = {"unlocked": [], "locked": []}
-
-        def keep_orders(server: Target, mode: str) -> None:
-            if server is target and mode in recorded:
-                recorded[mode].append(target.orders())
-
-        for connections in CONNECTIONS:
-            runs = [(target, "unlocked"), (target, "locked")]
-            if connections == REFERENCE_CONNECTIONS:
-                runs.append((floor, "floor"))
-            after = keep_orders if connections == REFERENCE_CONNECTIONS else (lambda server, mode: None)
-            figures = bench.rounds_of(runs, 0, connections, after)
-            by_connections[connections] = {mode: figures[index] for index, (_, mode) in enumerate(runs)}
-
-    lock_cost(report, by_connections)
-    critical_section(report, recorded)
-    floor_and_profile(bench, report, by_connections[REFERENCE_CONNECTIONS])
-
-
-def lock_cost(report: Report, by_connections: dict[int, dict[str, list[Figures]]]) -> None:
-    rows = []
-    counted: list[bool] = []  # per connection count that was saturated: whether it passed
-    for connections in CONNECTIONS:
-        unlocked, locked = by_connections[connections]["unlocked"], by_connections[connections]["locked"]
-        ratio, ratios = median_ratio([f.ok_rps for f in locked], [f.ok_rps for f in unlocked])
-        p99, p99s = median_ratio([f.p99_ms for f in locked], [f.p99_ms for f in unlocked])
-        saturated, compared = saturation(by_connections, connections)
-        passed = ratio >= LOCKED_THROUGHPUT_AT_LEAST and p99 <= LOCKED_P99_AT_MOST
-        if saturated:
-            counted.append(passed)
-        rows.append(
-            [
-                str(connections),
-                f"{mean(unlocked, 'ok_rps'):,.0f}",
-                f"{mean(locked, 'ok_rps'):,.0f}",
-                with_rounds(ratio, ratios),
-                f"{mean(unlocked, 'p99_ms'):.1f} / {mean(locked, 'p99_ms'):.1f}",
-                with_rounds(p99, p99s),
-                f"{mean(unlocked, 'busy'):.0%}",
-                f"yes ({compared})" if saturated else f"no ({compared})",
-                verdict(passed, saturated),
-            ]
-        )
-    report.table(
-        "Goal 1: lock cost at saturation (4 workers, window 0, wrk)",
-        [
-            "connections",
-            "unlocked 201/s",
-            "locked 201/s",
-            "locked / unlocked (rounds)",
-            "p99 ms unlocked / locked",
-            "p99 ratio (rounds)",
-            "cores busy (unlocked)",
-            "saturated",
-            "result",
-        ],
-        rows,
-        f"Goal: locked / unlocked at least {LOCKED_THROUGHPUT_AT_LEAST:g} and the p99 ratio at most "
-        f"{LOCKED_P99_AT_MOST:g}, at every connection count. Saturated: twice the connections raised unlocked 201/s "
-        f"by less than {SATURATED_WITHIN - 1:.0%} (for the most connections: half of them gave within "
-        f"{SATURATED_WITHIN - 1:.0%} of it).",
-    )
-    report.goals.append(("1 lock cost at saturation", f"{len(counted)} connection counts counted", overall(counted)))
-
-
-def saturation(by_connections: dict[int, dict[str, list[Figures]]], connections: int) -> tuple[bool, str]:
-    """Whether unlocked was saturated at ``connections``: more connections no longer raise its 201/s."""
-    counts = sorted(by_connections)
-    index = counts.index(connections)
-    lower, upper = (counts[index], counts[index + 1]) if index + 1 < len(counts) else (counts[index - 1], connections)
-    gain = mean(by_connections[upper]["unlocked"], "ok_rps") / mean(by_connections[lower]["unlocked"], "ok_rps")
-    return gain <= SATURATED_WITHIN, f"-c{upper} / -c{lower}: {gain:.2f}"
+        runs = [(target, "unlocked"), (target, "locked"), (floor, "floor")]
+        figures = bench.rounds_of(runs, 0, REFERENCE_CONNECTIONS)
+    floor_and_profile(bench, report, {mode: figures[index] for index, (_, mode) in enumerate(runs)})
 
 
 def mean(figures: Sequence[Figures], name: str) -> float:
     return statistics.mean(float(getattr(figure, name)) for figure in figures)
-
-
-def critical_section(report: Report, sections: dict[str, list[list[dict[str, Any]]]]) -> None:
-    rows = []
-    locked_p50 = float("nan")
-    for mode, runs in sections.items():
-        durations = [order["timing"]["wrote_at"] - order["timing"]["read_at"] for orders in runs for order in orders]
-        latency = Latency.of_seconds(durations)
-        if mode == "locked":
-            locked_p50 = latency.p50
-        rows.append([mode, f"{len(durations):,}", f"{latency.p50:.3f}", f"{latency.p99:.3f}", f"{latency.max:.1f}"])
-    passed = locked_p50 <= CRITICAL_SECTION_P50_MS_AT_MOST
-    report.table(
-        f"Goal 2: the critical section, read to write (window 0, -c{REFERENCE_CONNECTIONS}, every order recorded)",
-        ["mode", "orders", "p50 ms", "p99 ms", "max ms"],
-        rows,
-        f"Goal: locked p50 at most {CRITICAL_SECTION_P50_MS_AT_MOST:g} ms. From each order's timing: read_at, "
-        "when step 1 had read db.json, to wrote_at, when step 4 had put the new db.json in place (an atomic swap); "
-        "the order's journal line follows, and its fsync comes after the lock is released, before the 201.",
-    )
-    report.goals.append(("2 critical section p50", f"{locked_p50:.3f} ms", verdict(passed)))
 
 
 def floor_and_profile(bench: Bench, report: Report, figures: dict[str, list[Figures]]) -> None:
@@ -598,116 +515,111 @@ def request_steps(profiled: Profile) -> list[tuple[str, float]]:
     ]
 
 
-def workers_section(bench: Bench, report: Report) -> None:
-    """Goal 3: unlocked and locked at 1, 2, 4 and 8 workers."""
-    rows = []
-    counted: list[bool] = []  # per worker count where unlocked was not CPU-bound: whether it passed
-    for workers in WORKER_COUNTS:
-        with EmbeddedService(workers=workers, race_window_ms=0) as service:
-            target = service_target(f"{workers} worker", [service.url], service.worker_pids)
-            unlocked, locked = bench.rounds_of([(target, "unlocked"), (target, "locked")], 0, REFERENCE_CONNECTIONS)
-        ratio, ratios = median_ratio([f.ok_rps for f in locked], [f.ok_rps for f in unlocked])
-        cpu_bound = mean(unlocked, "busy") >= CPU_BOUND_AT
-        passed = ratio >= LOCKED_THROUGHPUT_AT_LEAST
-        if not cpu_bound:
-            counted.append(passed)
-        rows.append(
-            [
-                str(workers),
-                f"{mean(unlocked, 'ok_rps'):,.0f}",
-                f"{mean(locked, 'ok_rps'):,.0f}",
-                with_rounds(ratio, ratios),
-                bound(unlocked[-1]),
-                bound(locked[-1]),
-                verdict(passed) + (" (unlocked CPU-bound: not required)" if cpu_bound and not passed else ""),
-            ]
-        )
+def round_trips_section(report: Report) -> None:
+    """Goal 1: each postgres mode's round trips per purchase, counted from the database's side.
+
+    The app runs in this process (its test client: no HTTP, which the count does not see) on a throwaway PostgreSQL
+    reached through a proxy that counts the turns each connection takes (loadtest/database_proxy.py).
+    """
+    with ExitStack() as stack:
+        postgres = stack.enter_context(ThrowawayPostgres())
+        redis_url = stack.enter_context(ThrowawayRedis()).url if shutil.which("redis-server") else None
+        proxy = stack.enter_context(DatabaseProxy(postgres.socket_folder / ".s.PGSQL.5432"))
+        settings = {"database_url": f"postgresql://{USER}@{proxy.url_host}/{DATABASE}", "redis_url": redis_url}
+        prepare_for_start(settings)
+        client = create_app(settings).test_client()
+        modes = PostgresStore.modes(SERVICES if redis_url else frozenset())
+        rows, over = [], []
+        for mode in modes:
+            client.put("/mode", json={"mode": mode.name, "race_window_ms": 0})
+            client.post("/reset", json={"tickets": TICKETS})
+            counts = [_turns_of(client, proxy, key) for key in (False, True)]
+            most = ROUND_TRIPS_AT_MOST.get(mode.name, ROUND_TRIPS_OTHERWISE)
+            if counts[0] > most:
+                over.append(mode.name)
+            rows.append([mode.name, f"{counts[0]:g}", f"{counts[1]:g}", str(most), verdict(counts[0] <= most)])
     report.table(
-        f"Goal 3: workers (window 0, -c{REFERENCE_CONNECTIONS})",
-        [
-            "workers",
-            "unlocked 201/s",
-            "locked 201/s",
-            "locked / unlocked (rounds)",
-            "bound: unlocked",
-            "bound: locked",
-            "result",
-        ],
+        "Goal 1: round trips to PostgreSQL per purchase (window 0, counted by a proxy)",
+        ["mode", "round trips", "with an Idempotency-Key", "goal: at most", "result"],
         rows,
-        f"Goal: locked / unlocked at least {LOCKED_THROUGHPUT_AT_LEAST:g} wherever unlocked is not yet CPU-bound. "
-        f"Bound: CPU when at least {CPU_BOUND_AT:.0%} of the machine's cores were busy (the last round's run); "
-        "else the workers spent part of their time waiting: for the disk (iowait), for the lock, or for a turn on "
-        "a core.",
+        f"{COUNTED_PURCHASES} purchases per mode after as many to warm up, one worker, counted by "
+        "loadtest/database_proxy.py: the Query and Sync messages a client sends, each the end of a request it waits "
+        "on (one statement, or a whole pipeline of them). A key's lookup goes with the read; where no read goes "
+        "first (atomic) or the read must go alone (a fenced claim), it takes a round trip of its own.",
     )
-    report.goals.append(("3 workers 1, 2, 4, 8", f"{len(counted)} worker counts counted", overall(counted)))
+    measured = "every mode within its goal" if not over else "over: " + ", ".join(over)
+    report.goals.append(("1 round trips per purchase (postgres)", measured, verdict(not over)))
+
+
+def _turns_of(client: FlaskClient, proxy: DatabaseProxy, key: bool) -> float:
+    """The round trips a purchase takes, on average over COUNTED_PURCHASES, with or without an Idempotency-Key."""
+    sent = iter(range(2 * COUNTED_PURCHASES))
+
+    def buy() -> None:
+        headers = {"Idempotency-Key": f"bench-{key}-{next(sent)}-{time.time_ns()}"} if key else {}
+        answer = client.post("/orders", json={"buyer": "bench"}, headers=headers)
+        if answer.status_code != 201:
+            raise RuntimeError(f"a counted purchase was answered {answer.status_code}: {answer.json}")
+
+    for _ in range(COUNTED_PURCHASES):
+        buy()  # the worker's settings seen, its connection
+    before = proxy.turns
+    for _ in range(COUNTED_PURCHASES):
+        buy()
+    return (proxy.turns - before) / COUNTED_PURCHASES
 
 
 def modes_section(bench: Bench, report: Report, with_postgres: bool) -> None:
-    """Goal 5: every mode of both stores at window 0 and 20 ms, and pgbench on the same database."""
+    """Goals 2, 3 and 5: every mode of both stores at window 0 and 20 ms, pgbench on the same database, and the
+    buckets against row-lock at 20 ms in rounds."""
     with EmbeddedService(workers=WORKERS, race_window_ms=0) as service:
         target = service_target("file", [service.url], service.worker_pids)
         rows = every_mode(bench, target, FileStore.modes(), REFERENCE_CONNECTIONS, "file")[0]
-    pgbench_rows: list[list[str]] = []
-    below: list[str] | None = None
-    if with_postgres:
-        postgres_rows, below, pgbench_rows = postgres_modes(bench)
-        rows += postgres_rows
-    report.table(
-        "Goal 5: every mode (201/s and p99 at race window 0, in rounds, and 20 ms, once)",
-        [
-            "store",
-            "mode",
-            "protects",
-            "0 ms: 201/s",
-            "p99 ms",
-            "errors",
-            "/ unlocked (rounds)",
-            "20 ms: 201/s",
-            "p99 ms",
-            "errors",
-            "result",
-        ],
-        rows,
-        f"Goal: every mode that protects every host reaches at least {CORRECT_POSTGRES_AT_LEAST:g} of unlocked's "
-        "201/s on postgres at window 0. Errors: answers other than 201 (503 lock_timeout or too_many_conflicts: "
-        "nothing sold), and socket errors if any. 20 ms: every purchase works 20 ms between its read and its write, "
-        "so a mode that excludes the others sells at most 50 per second.",
-    )
-    if below is not None:
-        measured = "every one of them" if not below else "below: " + ", ".join(below)
-        report.goals.append(("5 correct postgres modes / unlocked", measured, verdict(not below)))
-    if pgbench_rows:
-        pgbench_table(report, pgbench_rows)
-
-
-def postgres_modes(bench: Bench) -> tuple[list[list[str]], list[str], list[list[str]]]:
-    """Every mode of the postgres store on 3 hosts of 4 workers, then pgbench on their database: the mode rows,
-    the correct modes below their goal, and the pgbench rows."""
+    if not with_postgres:
+        report.table("Every mode (file store only)", MODES_HEADER, rows, MODES_NOTES)
+        return
     with Cluster(hosts=HOSTS, workers=WORKERS, store="postgres", race_window_ms=0) as cluster:
         target = service_target("postgres", cluster.urls, lambda: [p for h in cluster.hosts for p in h.worker_pids()])
         connections = HOSTS * CONNECTIONS_PER_HOST
         # With a lock service (redis-server installed), the lease modes too: what its round trips cost.
         modes = PostgresStore.modes(SERVICES if cluster.redis_url else frozenset())
-        rows, below, service_rates = every_mode(bench, target, modes, connections, "postgres")
+        postgres_rows, below, service_rates = every_mode(bench, target, modes, connections, "postgres")
+        split = bench.rounds_of([(target, "row-lock"), (target, "buckets")], SPLIT_WINDOW_MS, connections)
         assert cluster.database is not None
         ServiceClient(cluster.urls[0]).reset(TICKETS)
-        return rows, below, pgbench(bench, cluster.database.socket_folder, service_rates)
+        pgbench_rows = pgbench(bench, cluster.database.socket_folder, service_rates)
+    report.table("Goal 2: every mode", MODES_HEADER, rows + postgres_rows, MODES_NOTES)
+    measured = "every one within its goal" if not below else "below: " + ", ".join(below)
+    report.goals.append(("2 correct postgres modes / unlocked", measured, verdict(not below)))
+    pgbench_table(report, pgbench_rows)
+    split_table(report, *split)
 
 
-def pgbench_table(report: Report, rows: list[list[str]]) -> None:
-    """Goal 5's second table: pgbench's orders/s beside the service's."""
-    report.table(
-        "Goal 5: pgbench on the same database, the same one-row statements (orders/s)",
-        [
-            "statements (as the mode)",
-            *(f"pgbench, {clients} clients" for clients in PGBENCH_CLIENTS),
-            f"the service, {HOSTS} x {WORKERS} workers, window 0",
-        ],
-        rows,
-        "The bound one hot row sets: the database alone, with no HTTP, no Python and no race window. Each "
-        "transaction is the mode's own: BEGIN, its guard and read, the UPDATE of the one inventory row, the "
-        "order's INSERT, COMMIT (synchronous, as the service's).",
-    )
+MODES_HEADER = [
+    "store",
+    "mode",
+    "protects",
+    "0 ms: 201/s",
+    "p99 ms",
+    "errors",
+    "/ unlocked (rounds)",
+    "goal",
+    "bound (last round)",
+    "20 ms: 201/s",
+    "p99 ms",
+    "errors",
+    "result",
+]
+MODES_NOTES = (
+    f"Goal: every mode that protects every host reaches at least {SHARE_OF_UNLOCKED_OTHERWISE:g} of unlocked's 201/s "
+    f"on postgres at window 0 ({', '.join(SHARE_OF_UNLOCKED_AT_LEAST)}: "
+    f"{min(SHARE_OF_UNLOCKED_AT_LEAST.values()):g}); the lease modes, which add the lock service's round trips, are "
+    "reported, not held to it. Errors: answers other than 201 (503 lock_timeout or too_many_conflicts: nothing "
+    "sold), and socket errors if any. Bound: CPU when at least "
+    f"{CPU_BOUND_AT:.0%} of the machine's cores were busy; else the workers waited (for the disk, a lock, a turn on "
+    "a core). 20 ms: every purchase works 20 ms between its read and its write, so a mode that excludes the others "
+    "sells at most 50 per second."
+)
 
 
 def every_mode(
@@ -725,8 +637,10 @@ def every_mode(
     below = []
     for mode in modes:
         share, shares = median_ratio([f.ok_rps for f in zero[mode]], [f.ok_rps for f in unlocked])
-        counted = store == "postgres" and mode.holds_for(hosts=hosts, processes=hosts * WORKERS)
-        if counted and share < CORRECT_POSTGRES_AT_LEAST:
+        correct = store == "postgres" and mode.holds_for(hosts=hosts, processes=hosts * WORKERS)
+        counted = correct and Ability.LOCK_SERVICE not in mode.needs()
+        goal = SHARE_OF_UNLOCKED_AT_LEAST.get(mode.name, SHARE_OF_UNLOCKED_OTHERWISE)
+        if counted and share < goal:
             below.append(mode.name)
         rows.append(
             [
@@ -737,13 +651,73 @@ def every_mode(
                 f"{mean(zero[mode], 'p99_ms'):.1f}",
                 errors_of(zero[mode]),
                 with_rounds(share, shares),
+                f"{goal:g}" if counted else "-",
+                bound(zero[mode][-1]),
                 f"{twenty[mode].ok_rps:,.0f}",
                 f"{twenty[mode].p99_ms:.0f}",
                 errors_of([twenty[mode]]),
-                verdict(share >= CORRECT_POSTGRES_AT_LEAST) if counted else "-",
+                verdict(share >= goal) if counted else ("reported" if correct else "-"),
             ]
         )
     return rows, below, {mode.name: mean(zero[mode], "ok_rps") for mode in modes}
+
+
+def pgbench_table(report: Report, rows: list[tuple[str, list[float], float]]) -> None:
+    """Goal 3: pgbench's orders/s beside the service's, on the same statements."""
+    lines, shares = [], []
+    for name, figures, service in rows:
+        share = service / figures[-1]
+        shares.append(share)
+        lines.append(
+            [
+                name,
+                *(f"{figure:,.0f}" for figure in figures),
+                f"{service:,.0f}",
+                f"**{share:.2f}**",
+                verdict(share >= SHARE_OF_PGBENCH_AT_LEAST),
+            ]
+        )
+    report.table(
+        "Goal 3: pgbench on the same database, the same one-row statements (orders/s)",
+        [
+            "statements (as the mode)",
+            *(f"pgbench, {clients} clients" for clients in PGBENCH_CLIENTS),
+            f"the service, {HOSTS} x {WORKERS} workers, window 0",
+            f"service / pgbench, {PGBENCH_CLIENTS[-1]} clients",
+            "result",
+        ],
+        lines,
+        "The bound one hot row sets: the database alone, with no HTTP, no Python and no race window. Each "
+        "transaction is the mode's own: BEGIN, its guard and read, the UPDATE of the one inventory row, the "
+        "order's INSERT, COMMIT (synchronous, as the service's). pgbench runs on the same machine as the service, "
+        f"alone; the service shares the 2 cores with its 3 hosts and wrk. Goal: at least {SHARE_OF_PGBENCH_AT_LEAST:g} "
+        f"of pgbench with as many clients as the service has workers ({PGBENCH_CLIENTS[-1]}), for each statement set.",
+    )
+    worst = min(shares)
+    report.goals.append(
+        ("3 service / pgbench (postgres)", f"{worst:.2f} (the lowest)", verdict(worst >= SHARE_OF_PGBENCH_AT_LEAST))
+    )
+
+
+def split_table(report: Report, row_lock: list[Figures], buckets: list[Figures]) -> None:
+    """Goal 5: the hot row split, buckets against row-lock at the 20 ms window, in rounds."""
+    ratio, ratios = median_ratio([f.ok_rps for f in buckets], [f.ok_rps for f in row_lock])
+    rows = [
+        [name, f"{mean(runs, 'ok_rps'):,.0f}", f"{mean(runs, 'p99_ms'):.0f}", errors_of(runs)]
+        for name, runs in (("row-lock", row_lock), ("buckets", buckets))
+    ]
+    report.table(
+        f"Goal 5: the hot row split ({HOSTS} x {WORKERS} workers, window {SPLIT_WINDOW_MS} ms, in rounds)",
+        ["mode", "201/s", "p99 ms", "errors"],
+        rows,
+        f"Goal: buckets at least {BUCKETS_OVER_ROW_LOCK_AT_LEAST:g} times row-lock. Rounds, buckets / row-lock: "
+        + " ".join(f"{r:.2f}" for r in ratios)
+        + f". Row-lock holds the one inventory row across the window: at most {1000 // SPLIT_WINDOW_MS} sales a "
+        f"second. Buckets (TICKETLOCK_BUCKETS, default 8) hold one bucket each: at most 8 x {1000 // SPLIT_WINDOW_MS}, "
+        f"and {HOSTS * WORKERS} workers can each sell at most {1000 // SPLIT_WINDOW_MS} a second.",
+    )
+    passed = ratio >= BUCKETS_OVER_ROW_LOCK_AT_LEAST
+    report.goals.append(("5 buckets / row-lock at 20 ms", f"{ratio:.2f}", verdict(passed)))
 
 
 def errors_of(figures: Sequence[Figures]) -> str:
@@ -752,7 +726,7 @@ def errors_of(figures: Sequence[Figures]) -> str:
     return f"{answers}" + (f" (+{sockets} socket)" if sockets else "")
 
 
-def pgbench(bench: Bench, socket_folder: Path, service: dict[str, float]) -> list[list[str]]:
+def pgbench(bench: Bench, socket_folder: Path, service: dict[str, float]) -> list[tuple[str, list[float], float]]:
     """pgbench with each mode's statements on the service's own database, at two client counts."""
     binary = find_binaries() / "pgbench"
     program = str(binary) if binary.is_file() else shutil.which("pgbench") or "pgbench"
@@ -787,7 +761,7 @@ def pgbench(bench: Bench, socket_folder: Path, service: dict[str, float]) -> lis
             progress(f"pgbench {name}, {clients} clients: {figures[-1]:,.0f} orders/s")
             shown = " ".join(command).replace(str(bench.directory), "$BENCH").replace(str(socket_folder), "$SOCKET")
             bench.commands.setdefault(f"pgbench, {clients} clients", shown.replace(name, "<mode>"))
-        rows.append([name, *(f"{figure:,.0f}" for figure in figures), f"{service.get(name, 0):,.0f}"])
+        rows.append((name, figures, service.get(name, 0.0)))
     return rows
 
 
@@ -827,7 +801,7 @@ def progress(message: str) -> None:
     print(f"  {message}", file=sys.stderr, flush=True)
 
 
-SECTIONS = ("lock", "workers", "modes")
+SECTIONS = ("round-trips", "postgres", "file")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -837,7 +811,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=5, help="measured seconds per run (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the paired runs (default 3)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"some of {', '.join(SECTIONS)} (default all)")
-    parser.add_argument("--no-postgres", action="store_true", help="goal 5 on the file store only")
+    parser.add_argument(
+        "--no-postgres", action="store_true", help="the file store only (goals 2, 3 and 5 need PostgreSQL)"
+    )
     arguments = parser.parse_args(argv)
     sections = set(arguments.sections.split(","))
     if not sections <= set(SECTIONS):
@@ -851,12 +827,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ticketlock-bench-") as temporary:
         directory = Path(temporary)
         bench = Bench(arguments.seconds, arguments.rounds, directory)
-        if "lock" in sections:
-            lock_section(bench, report)
-        if "workers" in sections:
-            workers_section(bench, report)
-        if "modes" in sections:
+        if "round-trips" in sections and not arguments.no_postgres:
+            round_trips_section(report)
+        if "postgres" in sections:
             modes_section(bench, report, with_postgres=not arguments.no_postgres)
+        if "file" in sections:
+            file_section(bench, report)
     goals = sorted(report.goals)  # by number, whatever order the sections ran in
     summary = ["| goal | measured | result |", "|---|---|---|", *(f"| {g} | {m} | {r} |" for g, m, r in goals)]
     print("## Goals\n\n" + "\n".join(summary) + "\n")

@@ -51,6 +51,7 @@ class Write(Enum):
     CONDITIONAL = "remaining - quantity where remaining >= quantity, in one statement"
     MEMORY = "the worker's own copy only; the store records the order but its count never moves"
     FENCED = "the count read minus the quantity, only where the row still carries this sale's token"
+    FROM_BUCKETS = "each bucket the sale holds, less the tickets it takes from it"
 
 
 class Isolation(Enum):
@@ -218,7 +219,7 @@ TABLE = (
         "buckets",
         BucketLock(),
         Read.PLAIN,
-        Write.BLIND,
+        Write.FROM_BUCKETS,
         Reach.EVERY_HOST,
         "each sale locks only the bucket of tickets it sells from: a mutex costs the work done while it is held; a "
         "finer one lets more buyers through at once",

@@ -74,10 +74,10 @@ def purchase(store: Store, request: PurchaseRequest, config: Config) -> Purchase
     while True:
         try:
             return _attempt(store, request, config, settings, attempt, started_at, deadline)
-        except SettingsChanged as changed:
-            settings = changed.in_force  # no buyer collided, a switch came first: start again at once, in its mode
-            continue
         except Conflict as conflict:
+            if isinstance(conflict, SettingsChanged) and not deadline.passed:
+                settings = conflict.in_force  # a switch came first, no buyer collided: again at once, in its mode
+                continue  # (not an attempt: the order's attempts count collisions)
             if attempt >= config.max_attempts or deadline.passed:
                 raise TooManyConflicts(
                     f"{attempt} attempts each found the count changed before they could write ({conflict}); "

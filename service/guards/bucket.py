@@ -6,6 +6,8 @@ bucket it sells from, skipping those that other sales hold (``FOR UPDATE SKIP LO
 as there are buckets. The store waits for a bucket only when every bucket holding enough is busy, and takes every
 bucket for a quantity that none holds alone; it answers "sold out" only when the buckets it holds then, all of them,
 add up to too few. The database lets go of them at commit or rollback; waits are bounded by its ``lock_timeout``.
+Only the write takes the inventory row's lock, from there to the commit, so that orders are recorded in turn: not
+across the race window (``service/stores/postgres.py``, RECORD_ORDER).
 """
 
 from __future__ import annotations

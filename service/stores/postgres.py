@@ -218,12 +218,14 @@ UPDATE inventory SET remaining = remaining - %(quantity)s, version = version + 1
 WHERE id = 1 AND remaining >= %(quantity)s AND {WHILE_IN_FORCE}"""
 # The memory mode writes no count: it records its order under the row's lock, with its worker's copy of the count.
 WRITE_NOTHING = f"SELECT %(remaining)s::bigint AS remaining FROM inventory WHERE id = 1 AND {WHILE_IN_FORCE} FOR UPDATE"
-# The buckets mode writes the buckets its guard holds, each less what the sale takes from it.
+# The buckets mode writes the buckets its guard holds, each less what the sale takes from it, and returns the count
+# it leaves: the buckets' sum as the statement sees it (every sale recorded before, whose commit the inventory row's
+# lock waited for, and its own buckets before its write) less the quantity.
 WRITE_BUCKETS = f"""
 UPDATE buckets SET remaining = buckets.remaining - taken.quantity
 FROM unnest(%(bucket_ids)s::integer[], %(bucket_quantities)s::bigint[]) AS taken (id, quantity)
 WHERE buckets.id = taken.id AND {WHILE_IN_FORCE}
-RETURNING %(remaining)s::bigint AS remaining"""
+RETURNING (SELECT sum(remaining) FROM buckets)::bigint - %(quantity)s AS remaining"""
 RETURNING_REMAINING = " RETURNING remaining"
 # Every order is inserted while its transaction holds the inventory row's lock (each write of the row takes it; the
 # memory mode's takes it without writing; the buckets mode's takes it with LOCK_ROW, before): orders therefore commit
@@ -248,8 +250,8 @@ WRITE_AND_RECORD = {
     Write.CONDITIONAL: _recorded_if_written(WRITE_IF_ENOUGH + RETURNING_REMAINING),
     Write.FENCED: _recorded_if_written(WRITE_FENCED + RETURNING_REMAINING),
     Write.MEMORY: _recorded_if_written(WRITE_NOTHING),
+    Write.FROM_BUCKETS: _recorded_if_written(WRITE_BUCKETS),
 }
-WRITE_BUCKETS_AND_RECORD = _recorded_if_written(WRITE_BUCKETS)
 RECORD_KEY = """
 INSERT INTO idempotency_keys (key_digest, fingerprint, order_id)
 SELECT %s, %s, order_id FROM orders WHERE order_id = %s"""
@@ -771,8 +773,8 @@ class PostgresSale(Sale):
             "bucket_quantities": [tickets for _, tickets in self.taken],
         }
         # The buckets mode's orders, too, are recorded in turn, under the inventory row's lock (RECORD_ORDER says why).
-        in_turn: list[Statement] = [(LOCK_ROW, None)] if self.taken else []
-        statements = [*in_turn, (WRITE_BUCKETS_AND_RECORD if self.taken else WRITE_AND_RECORD[how], values)]
+        in_turn: list[Statement] = [(LOCK_ROW, None)] if how is Write.FROM_BUCKETS else []
+        statements = [*in_turn, (WRITE_AND_RECORD[how], values)]
         if request is not None:
             statements.append((RECORD_KEY, (request.digest, request.fingerprint, order["order_id"])))
         if how is Write.FENCED:

@@ -410,7 +410,7 @@ def _is_count(value: object) -> bool:
 def _db_json(inventory: Inventory, reflects: Reflects | None) -> dict[str, Any]:
     # Not asdict: its deep copy costs, at every sale. (A file store has no buckets.)
     data = {"event": inventory.event, "total": inventory.total, "remaining": inventory.remaining}
-    return {**data, "version": inventory.version, "reflects": vars(reflects)} if reflects else data
+    return {**data, "version": inventory.version, **({"reflects": vars(reflects)} if reflects else {})}
 
 
 def _reflects(data: object) -> Reflects | None:
