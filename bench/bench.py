@@ -139,6 +139,13 @@ PURCHASE_STEPS: list[tuple[str, list[Function]]] = [
     ("4. write the order's journal line", [("service/stores/file/journal.py", "append")]),
     ("flush to disk before the 201 (fsync, group commit)", [(FILE_STORE, "make_durable")]),
 ]
+POSTGRES_STORE = "service/stores/postgres.py"
+POSTGRES_PURCHASE_STEPS: list[tuple[str, list[Function]]] = [
+    ("a connection from the worker's pool, and back", [(POSTGRES_STORE, "_connection")]),
+    ("the round trips: psycopg queues the statements, sends them, reads the answers", [(POSTGRES_STORE, "_pipelined")]),
+    ("the watchdog armed and disarmed around each round trip", [("service/stores/watchdog.py", "answering_within")]),
+]
+STATEMENT: Function = ("psycopg/connection.py", "execute")
 
 
 # --- wrk --------------------------------------------------------------------------------------------------------
@@ -434,22 +441,50 @@ def floor_and_profile(bench: Bench, report: Report, figures: dict[str, list[Figu
 
 
 def profile(bench: Bench, report: Report) -> None:
-    """Where a locked request's CPU goes: cProfile with a CPU clock in each of 4 workers, one locked run."""
-    profiled = profiled_run(bench)
-    requests, fsyncs, total = profiled.calls(ROUTE), profiled.calls(FSYNC), profiled.cpu(REQUEST)
+    """Where a locked request's CPU goes on the file store: cProfile with a CPU clock in each of 4 workers."""
+    profiled = profiled_run(bench, "locked", {}, PURCHASE_STEPS)
+    requests = profiled.calls(ROUTE)
+    fsyncs = profiled.calls(FSYNC)
+    profile_table(
+        report,
+        f"Goal 4: where a locked request's CPU goes ({requests:,} requests, 4 workers profiled)",
+        profiled,
+        PURCHASE_STEPS,
+        f"Group commit: {fsyncs:,} fsyncs for {requests:,} orders ({fsyncs / max(requests, 1):.2f} per order).",
+    )
+
+
+def postgres_profile(report: Report, profiled: Profile) -> None:
+    """Where an unlocked request's CPU goes on postgres (one host of 4 profiled workers)."""
+    requests = profiled.calls(ROUTE)
+    statements = profiled.calls(STATEMENT) / max(requests, 1)
+    profile_table(
+        report,
+        f"Goal 3: where an unlocked request's CPU goes on postgres ({requests:,} requests, 1 host of 4 workers "
+        "profiled)",
+        profiled,
+        POSTGRES_PURCHASE_STEPS,
+        f"psycopg ran {statements:.1f} statements per request, in its round trips. The database's own CPU, and "
+        "wrk's, are not in this table: they share the same 2 cores.",
+    )
+
+
+def profile_table(
+    report: Report, title: str, profiled: Profile, purchase_steps: list[tuple[str, list[Function]]], notes: str
+) -> None:
+    requests, total = profiled.calls(ROUTE), profiled.cpu(REQUEST)
     rows = [
         [name, f"{1e6 * value / max(requests, 1):.0f}", f"{value / total:.0%}"]
-        for name, value in request_steps(profiled)
+        for name, value in request_steps(profiled, purchase_steps)
     ]
     rows.append(["**every request, in all**", f"**{1e6 * total / max(requests, 1):.0f}**", "100%"])
     report.table(
-        f"Goal 4: where a locked request's CPU goes ({requests:,} requests, 4 workers profiled)",
+        title,
         ["step", "CPU µs per request (profiled)", "share"],
         rows,
-        "cProfile with a CPU clock in every worker (bench/profiled.conf.py): waiting for the lock or the disk is "
-        "not counted, and the profiler's own cost inflates Python code about twofold against system calls, so "
-        f"read the shares, not the microseconds. Group commit: {fsyncs:,} fsyncs for {requests:,} orders "
-        f"({fsyncs / max(requests, 1):.2f} per order).",
+        "cProfile with a CPU clock in every worker (bench/profiled.conf.py): waiting for a lock, the disk or the "
+        "database is not counted, and the profiler's own cost inflates Python code about twofold against system "
+        "calls, so read the shares, not the microseconds. " + notes,
     )
 
 
@@ -479,32 +514,33 @@ class Profile:
         return sum(row[1] for key, row in self.stats.items() if self._is(key, function))
 
 
-def profiled_run(bench: Bench) -> Profile:
-    """One locked run on 4 workers that profile themselves (bench/profiled.conf.py), and what they recorded."""
-    profiles = bench.directory / "profiles"
-    profiles.mkdir()
+def profiled_run(
+    bench: Bench, mode: str, environment: dict[str, str], purchase_steps: list[tuple[str, list[Function]]]
+) -> Profile:
+    """One run in ``mode`` on 4 workers that profile themselves (bench/profiled.conf.py), and what they recorded."""
+    profiles = Path(tempfile.mkdtemp(prefix="profiles-", dir=bench.directory))
     with EmbeddedService(
         workers=WORKERS,
         race_window_ms=0,
         gunicorn_config=HERE / "profiled.conf.py",
-        environment={"TICKETLOCK_BENCH_PROFILES": str(profiles)},
+        environment={**environment, "TICKETLOCK_BENCH_PROFILES": str(profiles)},
     ) as service:
-        bench.measure(service_target("profiled", [service.url], service.worker_pids), "locked", 0, 32)
+        bench.measure(service_target("profiled", [service.url], service.worker_pids), mode, 0, 32)
     written = list(profiles.glob("*.prof"))
     if not written:
         raise RuntimeError(f"the profiled workers wrote no profile into {profiles}")
     profiled = Profile(pstats.Stats(*map(str, written)).stats)  # type: ignore[attr-defined]
-    for function in [REQUEST, FLASK, ROUTE, PURCHASE, *(f for _, fs in ROUTE_STEPS + PURCHASE_STEPS for f in fs)]:
+    for function in [REQUEST, FLASK, ROUTE, PURCHASE, *(f for _, fs in ROUTE_STEPS + purchase_steps for f in fs)]:
         if not profiled.calls(function):
             raise RuntimeError(f"the profile never saw {function[1]} in {function[0]}: update bench.py's steps")
     return profiled
 
 
-def request_steps(profiled: Profile) -> list[tuple[str, float]]:
+def request_steps(profiled: Profile, steps: list[tuple[str, list[Function]]]) -> list[tuple[str, float]]:
     """A request's CPU, step by step: HTTP, Flask, the route's steps, the purchase's, and the rest of each."""
     total, flask, route, purchase = (profiled.cpu(f) for f in (REQUEST, FLASK, ROUTE, PURCHASE))
     route_steps = [(name, sum(profiled.cpu(f, under=ROUTE) for f in functions)) for name, functions in ROUTE_STEPS]
-    purchase_steps = [(name, sum(map(profiled.cpu, functions))) for name, functions in PURCHASE_STEPS]
+    purchase_steps = [(name, sum(map(profiled.cpu, functions))) for name, functions in steps]
     return [
         ("HTTP: gunicorn reads the request, writes the answer, closes", total - flask),
         ("Flask: request and response objects, routing, hooks", flask - route),
@@ -586,12 +622,15 @@ def modes_section(bench: Bench, report: Report, with_postgres: bool) -> None:
         postgres_rows, below, service_rates = every_mode(bench, target, modes, connections, "postgres")
         split = bench.rounds_of([(target, "row-lock"), (target, "buckets")], SPLIT_WINDOW_MS, connections)
         assert cluster.database is not None
-        ServiceClient(cluster.urls[0]).reset(TICKETS)
+        target.prepare("unlocked", 0)  # the count back in the inventory row, which pgbench's statements write
         pgbench_rows = pgbench(bench, cluster.database.socket_folder, service_rates)
+        database_url = f"postgresql://{USER}@/{DATABASE}?host={cluster.database.socket_folder}"
+        profiled = profiled_run(bench, "unlocked", {"TICKETLOCK_DATABASE_URL": database_url}, POSTGRES_PURCHASE_STEPS)
     report.table("Goal 2: every mode", MODES_HEADER, rows + postgres_rows, MODES_NOTES)
     measured = "every one within its goal" if not below else "below: " + ", ".join(below)
     report.goals.append(("2 correct postgres modes / unlocked", measured, verdict(not below)))
     pgbench_table(report, pgbench_rows)
+    postgres_profile(report, profiled)
     split_table(report, *split)
 
 
@@ -602,6 +641,7 @@ MODES_HEADER = [
     "0 ms: 201/s",
     "p99 ms",
     "errors",
+    "attempts / order",
     "/ unlocked (rounds)",
     "goal",
     "bound (last round)",
@@ -615,7 +655,8 @@ MODES_NOTES = (
     f"on postgres at window 0 ({', '.join(SHARE_OF_UNLOCKED_AT_LEAST)}: "
     f"{min(SHARE_OF_UNLOCKED_AT_LEAST.values()):g}); the lease modes, which add the lock service's round trips, are "
     "reported, not held to it. Errors: answers other than 201 (503 lock_timeout or too_many_conflicts: nothing "
-    "sold), and socket errors if any. Bound: CPU when at least "
+    "sold), and socket errors if any. Attempts: each order's, at window 0 (a purchase that found the count changed "
+    "started again). Bound: CPU when at least "
     f"{CPU_BOUND_AT:.0%} of the machine's cores were busy; else the workers waited (for the disk, a lock, a turn on "
     "a core). 20 ms: every purchase works 20 ms between its read and its write, so a mode that excludes the others "
     "sells at most 50 per second."
@@ -629,7 +670,13 @@ def every_mode(
 
     Window 0 runs in rounds, each mode's ratio to unlocked taken within a round; 20 ms runs once.
     """
-    zero = dict(zip(modes, bench.rounds_of([(target, mode.name) for mode in modes], 0, connections), strict=True))
+    attempts: dict[str, list[int]] = {mode.name: [] for mode in modes}  # each order's, at window 0
+
+    def count_attempts(server: Target, mode: str) -> None:
+        attempts[mode] += [order["attempts"] for order in server.orders()]
+
+    runs = [(target, mode.name) for mode in modes]
+    zero = dict(zip(modes, bench.rounds_of(runs, 0, connections, count_attempts), strict=True))
     twenty = {mode: bench.measure(target, mode.name, 20, connections) for mode in modes}
     unlocked = zero[MODES["unlocked"]]
     hosts = HOSTS if store == "postgres" else 1
@@ -650,6 +697,7 @@ def every_mode(
                 f"{mean(zero[mode], 'ok_rps'):,.0f}",
                 f"{mean(zero[mode], 'p99_ms'):.1f}",
                 errors_of(zero[mode]),
+                f"{statistics.mean(attempts[mode.name]):.2f}" if attempts[mode.name] else "-",
                 with_rounds(share, shares),
                 f"{goal:g}" if counted else "-",
                 bound(zero[mode][-1]),

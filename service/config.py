@@ -268,8 +268,9 @@ SETTINGS = (
         "max_attempts",
         20,
         whole_number(1),
-        "attempts of a purchase that starts again after a collision (optimistic, repeatable-read, fenced-lease) before "
-        "it answers 503 `too_many_conflicts` (one that starts again after a mode switch is bounded by the lock timeout)",
+        "attempts of a purchase that starts again after a collision (optimistic, repeatable-read, fenced-lease) "
+        "before it answers 503 `too_many_conflicts` (one that starts again after a mode switch is bounded by the lock "
+        "timeout)",
     ),
     Setting(
         "TICKETLOCK_DATABASE_TIMEOUT",

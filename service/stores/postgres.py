@@ -470,7 +470,7 @@ class PostgresStore(Store):
 
     def _settings(self, row: Any) -> RuntimeSettings:
         mode, window = row if row else (None, None)
-        if mode not in {mode.name for mode in self.available_modes()} or not isinstance(window, int):
+        if mode not in MODES or not self.runs(MODES[mode]) or not isinstance(window, int):
             raise StoreDamaged(
                 f"The settings row of {self.config.masked_database_url} is missing, or names a mode this store cannot "
                 "run: PUT /mode writes it again (the configured mode and race window fill in what it leaves out), "
@@ -648,9 +648,12 @@ class PostgresSale(Sale):
 
     # --- Round trips ------------------------------------------------------------------------------------------
 
-    def _round_trip(self, *statements: Statement, commits: str | None = None) -> list[psycopg.Cursor[Any]]:
+    def _round_trip(
+        self, *statements: Statement, commits: str | None = None, waits: bool = True
+    ) -> list[psycopg.Cursor[Any]]:
         """``statements`` (then COMMIT, if it ``commits`` that order) after what the sale still owes the database,
-        in one round trip: their cursors.
+        in one round trip: their cursors. Statements that never wait for a lock (``waits=False``: a read, a take
+        that skips locked rows) need no new lock timeout, unless a guard's statement goes with them.
 
         A round trip that begins the transaction reads the settings in force once the hold is granted: SettingsChanged
         if they are not the sale's. Nothing was written then: its statements read, or write only while the sale's
@@ -660,15 +663,16 @@ class PostgresSale(Sale):
         if not self.begun:  # the deadline, in milliseconds after the BEGIN sent now
             self.deadline_ms = max(1, math.ceil(self.deadline.left() * 1000))  # 1: a lock_timeout of 0 is no limit
         lock_waits: Statement = (LOCK_WAITS_UNTIL, (self.deadline_ms,))
-        opening: list[Statement] = [lock_waits]
-        if not self.begun:
-            opening = [(BEGIN[self.mode.isolation], None), lock_waits, *HOLD_AND_SETTINGS, lock_waits]
+        begins = not self.begun
+        opening = [(BEGIN[self.mode.isolation], None), lock_waits, *HOLD_AND_SETTINGS] if begins else []
+        if waits or self.guard_statements:
+            opening.append(lock_waits)
         ending = [(COMMIT, None)] if commits else []
         sent = [*opening, *self.guard_statements, *statements, *ending]
         self.begun, self.guard_statements = True, []
         cursors = self._send(sent, commits)
-        if len(opening) > 1:
-            in_force = self.store._settings(cursors[len(opening) - 2].fetchone())
+        if begins:
+            in_force = self.store._settings(cursors[len(HOLD_AND_SETTINGS) + 1].fetchone())
             written = commits is not None and in_force.mode == self.settings.mode
             self.store.check_in_force(in_force if written else self.settings, in_force)
             self.checked = True
@@ -694,7 +698,9 @@ class PostgresSale(Sale):
 
     def find_replay(self, request: IdempotentRequest) -> Order | None:
         # The key is looked up under the guard; the read goes with it, as it would come right after.
-        replay, *self.read_ahead = self._round_trip((FIND_REPLAY, (request.digest,)), *self._read_statements())
+        replay, *self.read_ahead = self._round_trip(
+            (FIND_REPLAY, (request.digest,)), *self._read_statements(), waits=False
+        )
         row = replay.fetchone()
         if row is None:
             return None
@@ -718,7 +724,8 @@ class PostgresSale(Sale):
             return self._claim(_fence_of(holding))
         if how is Read.SEEN and (seen := self.store.count_seen) and seen.remaining >= self.quantity:
             return seen  # the conditional write checks the count itself: sold out is never answered from a guess
-        cursors, self.read_ahead = self.read_ahead or self._round_trip(*self._read_statements() or [(READ, None)]), []
+        read = self._read_statements() or [(READ, None)]
+        cursors, self.read_ahead = self.read_ahead or self._round_trip(*read, waits=False), []
         if self.wants_a_bucket:
             return self._take_buckets(*cursors)
         self.store.count_seen = self.store._inventory(cursors[0].fetchone())
