@@ -39,7 +39,7 @@ lint: setup
 	$(BIN)/ruff format --check service loadtest tests bench
 	$(BIN)/mypy service loadtest
 
-## bench: issue #12's five goals side by side, wrk as the client (needs wrk and, for goal 5, postgresql)
+## bench: issue #20's five goals side by side, wrk as the client (needs wrk, postgresql and pgbench; redis-server for the lease modes)
 bench: $(RUNTIME)
 	$(BIN)/python bench/bench.py
 
