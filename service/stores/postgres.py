@@ -590,9 +590,19 @@ class PostgresStore(Store):
                     self.check_in_force(settings, self.read_settings())  # SettingsChanged if a switch came first
                 raise
             finally:
-                if not connection.broken and connection.info.transaction_status != TransactionStatus.IDLE:
-                    with answering_within(connection, self.timeout_s):
-                        connection.execute(ROLLBACK)
+                self._roll_back_unfinished(connection)
+
+    def _roll_back_unfinished(self, connection: psycopg.Connection[Any]) -> None:
+        """Roll back the transaction a sale left open. A connection that cannot is closed (its pool replaces it),
+        never raising: what the sale raised, or returned, is what the buyer hears (a sale whose COMMIT may have
+        run must answer outcome_unknown, not "nothing was sold")."""
+        if connection.broken or connection.info.transaction_status == TransactionStatus.IDLE:
+            return
+        try:
+            with answering_within(connection, self.timeout_s):
+                connection.execute(ROLLBACK)
+        except (psycopg.Error, NoAnswer):
+            connection.close()
 
 
 Statement = tuple[str, Any]  # a query and its parameters (None for none)
