@@ -189,15 +189,16 @@ READ_WITH_BUCKETS = """
 SELECT event, total, remaining + coalesce((SELECT sum(remaining) FROM buckets), 0)::bigint, version,
        coalesce((SELECT array_agg(remaining ORDER BY id) FROM buckets), '{}')
 FROM inventory WHERE id = 1"""
-# The buckets mode's guard: a bucket holding the quantity that no other sale holds; if every such bucket is busy,
-# one of them, waited for; if none holds the quantity alone, every bucket with tickets (always in the same order,
-# so two such sales never wait for each other in a circle).
+# The buckets mode's guard: a bucket holding the quantity that no other sale holds, at random (a skip never waits);
+# if every such bucket is busy, one of them, waited for; if none holds the quantity alone, every bucket with tickets.
+# Every wait goes in the order of the buckets' ids: a wait may leave the sale holding a bucket it passed over (one
+# emptied while it waited), and two sales that took buckets in two orders could wait for each other in a circle.
 TAKE_A_FREE_BUCKET = """
 SELECT id, remaining FROM buckets WHERE remaining >= %(quantity)s
 ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED"""
 WAIT_FOR_A_BUCKET = """
 SELECT id, remaining FROM buckets WHERE remaining >= %(quantity)s
-ORDER BY random() LIMIT 1 FOR UPDATE"""
+ORDER BY id LIMIT 1 FOR UPDATE"""
 TAKE_EVERY_BUCKET = "SELECT id, remaining FROM buckets WHERE remaining > 0 ORDER BY id FOR UPDATE"
 
 # Fencing: the read claims the row with the lease's token, and the write goes only where the row still carries it.
