@@ -160,6 +160,26 @@ def test_buckets_under_load_are_never_oversold_and_no_two_sales_wait_for_each_ot
     assert "deadlock detected" not in logged
 
 
+def test_buckets_sell_larger_quantities_across_buckets_without_a_deadlock(
+    cluster: Cluster, postgres: ThrowawayPostgres
+) -> None:
+    # 11 tickets over 8 buckets (2, 2, 2, 1, 1, 1, 1, 1) and 40 buyers of 2 at once: most sales find no free bucket
+    # holding 2, wait for a busy one (passing over buckets of 1), or take every bucket.
+    logged_before = postgres.log_path.stat().st_size
+    apis = [Api(url) for url in cluster.urls]
+    apis[0].put("/mode", {"mode": "buckets", "race_window_ms": 20})
+    apis[0].reset(11)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(lambda n: apis[n % 2].post("/orders", {"buyer": f"b{n}", "quantity": 2}), range(40)))
+
+    assert sorted({answer.status_code for answer in answers}) == [201, 409]
+    assert sum(answer.status_code == 201 for answer in answers) == 5
+    assert apis[1].tickets()["remaining"] == 1
+    logged = postgres.log_path.read_bytes()[logged_before:].decode(errors="replace")
+    assert "deadlock detected" not in logged
+
+
 # --- Round trips ---------------------------------------------------------------------------------------------
 
 
@@ -193,7 +213,7 @@ def test_a_purchase_takes_two_round_trips_to_the_database_and_an_atomic_one_take
         assert client.post("/orders", json={"buyer": "counted"}, headers=headers).status_code == 201
 
     for _ in range(6):
-        buy()  # the worker's settings seen, its connection, its prepared statements
+        buy()  # the worker's settings seen, its connection, the count it saw
     before = proxy.turns
     for _ in range(10):
         buy()

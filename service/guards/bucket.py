@@ -21,8 +21,8 @@ class BucketLock(Guard):
     """The lock of one bucket of the tickets with stock (of several, for a large quantity), held until commit."""
 
     description = (
-        "the lock of one bucket of the tickets, taken without waiting behind a busy one (SELECT ... FOR UPDATE SKIP "
-        "LOCKED), held until commit"
+        "the lock of one bucket of the tickets, a free one taken without waiting behind a busy one (SELECT ... FOR "
+        "UPDATE SKIP LOCKED), else a busy one waited for, else every bucket; held until commit"
     )
     needs: ClassVar[frozenset[Ability]] = frozenset({Ability.BUCKETS})
 

@@ -191,8 +191,8 @@ SELECT event, total, remaining + coalesce((SELECT sum(remaining) FROM buckets), 
 FROM inventory WHERE id = 1"""
 # The buckets mode's guard: a bucket holding the quantity that no other sale holds, at random (a skip never waits);
 # if every such bucket is busy, one of them, waited for; if none holds the quantity alone, every bucket with tickets.
-# Every wait goes in the order of the buckets' ids: a wait may leave the sale holding a bucket it passed over (one
-# emptied while it waited), and two sales that took buckets in two orders could wait for each other in a circle.
+# Every wait goes in the order of the buckets' ids, and a sale that goes on to take every bucket first lets go of
+# those its wait passed over: two sales that took buckets in two orders could wait for each other in a circle.
 TAKE_A_FREE_BUCKET = """
 SELECT id, remaining FROM buckets WHERE remaining >= %(quantity)s
 ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED"""
@@ -200,6 +200,10 @@ WAIT_FOR_A_BUCKET = """
 SELECT id, remaining FROM buckets WHERE remaining >= %(quantity)s
 ORDER BY id LIMIT 1 FOR UPDATE"""
 TAKE_EVERY_BUCKET = "SELECT id, remaining FROM buckets WHERE remaining > 0 ORDER BY id FOR UPDATE"
+# A wait that found no bucket holding the quantity may still hold buckets it passed over with fewer tickets, in no
+# order that the others share: rolled back to before it, the sale holds none when it takes every bucket in order.
+BEFORE_THE_WAIT = "SAVEPOINT before_the_wait"
+BACK_TO_BEFORE_THE_WAIT = "ROLLBACK TO SAVEPOINT before_the_wait"
 
 # Fencing: the read claims the row with the lease's token, and the write goes only where the row still carries it.
 CLAIM = """
@@ -587,8 +591,9 @@ class PostgresStore(Store):
             try:
                 yield sale
             except (LockTimeout, LockUnavailable):
-                if not sale.checked:  # a guard of the host or a lock service, taken for settings not checked yet
-                    self.check_in_force(settings, self.read_settings())  # SettingsChanged if a switch came first
+                if not sale.begun and not deadline.passed:  # a guard of the host or a lock service gave up early
+                    with answering_within(connection, self.timeout_s):  # SettingsChanged if a switch came first
+                        self.check_in_force(settings, self._settings(connection.execute(READ_SETTINGS).fetchone()))
                 raise
             finally:
                 self._roll_back_unfinished(connection)
@@ -636,7 +641,6 @@ class PostgresSale(Sale):
         super().__init__(store, settings, quantity, deadline)
         self.connection = connection
         self.begun = False  # whether its BEGIN and hold were sent
-        self.checked = False  # whether the settings in force were read, and found to be its own
         self.deadline_ms = 0  # the purchase's deadline, in milliseconds after its transaction began
         self.guard_statements: list[Statement] = []
         self.wants_a_bucket = False  # the buckets mode's guard asked for one
@@ -684,9 +688,8 @@ class PostgresSale(Sale):
         cursors = self._send(sent, commits)
         if begins:
             in_force = self.store._settings(cursors[len(HOLD_AND_SETTINGS) + 1].fetchone())
-            written = commits is not None and in_force.mode == self.settings.mode
-            self.store.check_in_force(in_force if written else self.settings, in_force)
-            self.checked = True
+            mode_still_in_force = commits is not None and in_force.mode == self.settings.mode  # and its write stands
+            self.store.check_in_force(in_force if mode_still_in_force else self.settings, in_force)
         return cursors[len(sent) - len(statements) - len(ending) : len(sent) - len(ending)]
 
     def _send(self, statements: list[Statement], order_id: str | None = None) -> list[psycopg.Cursor[Any]]:
@@ -708,7 +711,8 @@ class PostgresSale(Sale):
     # --- The steps --------------------------------------------------------------------------------------------
 
     def find_replay(self, request: IdempotentRequest) -> Order | None:
-        # The key is looked up under the guard; the read goes with it, as it would come right after.
+        # The key is looked up with the sale's first statements (under the guard's lock where one was asked for before;
+        # a bucket is taken after it, in the same round trip); the read goes with it, as it would come right after.
         replay, *self.read_ahead = self._round_trip(
             (FIND_REPLAY, (request.digest,)), *self._read_statements(), waits=False
         )
@@ -748,10 +752,10 @@ class PostgresSale(Sale):
         inventory = self.store._inventory(read.fetchone())
         held = free.fetchall()
         if not held:
-            [waited] = self._round_trip((WAIT_FOR_A_BUCKET, {"quantity": self.quantity}))
+            _, waited = self._round_trip((BEFORE_THE_WAIT, None), (WAIT_FOR_A_BUCKET, {"quantity": self.quantity}))
             held = waited.fetchall()
-        if not held:  # no bucket holds the quantity alone
-            [every] = self._round_trip((TAKE_EVERY_BUCKET, None))
+        if not held:  # no bucket holds the quantity alone: let go of those the wait passed over, then take them all
+            _, every = self._round_trip((BACK_TO_BEFORE_THE_WAIT, None), (TAKE_EVERY_BUCKET, None))
             held = every.fetchall()
             inventory = replace(inventory, remaining=sum(count for _, count in held))
         self.taken = _take_from(held, self.quantity)
@@ -760,15 +764,15 @@ class PostgresSale(Sale):
     def _claim(self, fence: int) -> Inventory:
         """Claim the row with ``fence``, committed as it runs; StaleFence if a newer token claimed it already.
 
-        It goes in a transaction of its own (with the settings in force), so that the row's lock lasts only while
-        the server runs it, and a holder stopped right after cannot keep the next holder waiting. A transaction
-        begun before (to look up a key) ends first.
+        It goes in a transaction of its own, so that the row's lock lasts only while the server runs it, and a
+        holder stopped right after cannot keep the next holder waiting; the settings in force are read after it, so
+        that a switch the claim waited for (one that moved the count into the buckets) is seen. A transaction begun
+        before (to look up a key) ends first.
         """
         ending: list[Statement] = [(COMMIT, None)] if self.begun else []
-        *_, in_force, claimed = self._send([*ending, (READ_SETTINGS, None), (CLAIM, {"fence": fence})])
+        *_, claimed, in_force = self._send([*ending, (CLAIM, {"fence": fence}), (READ_SETTINGS, None)])
         self.begun = False  # the write begins a new transaction
         self.store.check_in_force(self.settings, self.store._settings(in_force.fetchone()))
-        self.checked = True
         row = claimed.fetchone()
         if row is None:
             [found] = self._send([(NEWEST_FENCE, None)])
