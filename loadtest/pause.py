@@ -29,7 +29,7 @@ import redis
 
 from loadtest.server import processes_in_group
 from service.lock_service import FENCE_KEY, LEASE_KEY
-from service.stores.postgres import CLAIM, READ
+from service.stores.postgres import CLAIM, READ, READ_SETTINGS
 
 HOLDER = re.compile(r"(?P<host>.+) pid (?P<pid>\d+) \w+")  # the lease's value: service/lock_service.py
 TRY_EVERY_S = 0.005  # how long a holder runs between two tries to stop it
@@ -37,6 +37,8 @@ PAUSED, READING, WRITING = "paused", "reading", "writing"
 # A worker whose last query holds one of these has read the count and works: each statement's text up to its first
 # parameter, since the server shows parameters as $1, $2, ... (a query may start with the sale's SET LOCAL).
 READ_STARTS, CLAIM_STARTS = (statement.split("%(")[0].strip() for statement in (READ, CLAIM))
+# A claim's round trip ends with the settings read after it (PostgresSale._claim): the last query then shown.
+AFTER_A_CLAIM = READ_SETTINGS.strip()
 WRITES = ("WITH written", "UPDATE", "INSERT")  # a write, and its order, in one statement (not a claim)
 LOOK_EVERY_S = 0.001
 START_TIMEOUT_S = 20.0
@@ -204,7 +206,7 @@ class _Watcher:
             return WRITING  # nothing it could sell: a pause would show nothing
         query = row[0]
         claimed = row[2] == self._newest_token() and row[2] != self.reset_fence
-        if READ_STARTS in query or (CLAIM_STARTS in query and claimed):
+        if READ_STARTS in query or ((CLAIM_STARTS in query or query.strip() == AFTER_A_CLAIM) and claimed):
             return PAUSED
         return WRITING if query.lstrip().startswith(WRITES) and CLAIM_STARTS not in query else READING
 
