@@ -597,12 +597,7 @@ def _turns_of(client: FlaskClient, proxy: DatabaseProxy, key: bool) -> float:
         if answer.status_code != 201:
             raise RuntimeError(f"a counted purchase was answered {answer.status_code}: {answer.json}")
 
-    for _ in range(COUNTED_PURCHASES):
-        buy()  # the worker's settings seen, its connection
-    before = proxy.turns
-    for _ in range(COUNTED_PURCHASES):
-        buy()
-    return (proxy.turns - before) / COUNTED_PURCHASES
+    return proxy.turns_per(buy, COUNTED_PURCHASES)
 
 
 def modes_section(bench: Bench, report: Report, with_postgres: bool) -> None:

@@ -56,6 +56,16 @@ class DatabaseProxy:
         with self._counting:
             return self._turns
 
+    def turns_per(self, action: Callable[[], None], times: int) -> float:
+        """The round trips ``action`` takes, on average over ``times`` calls, after as many to warm up (the
+        connection, the settings and the count a worker sees on its first calls)."""
+        for _ in range(times):
+            action()
+        before = self.turns
+        for _ in range(times):
+            action()
+        return (self.turns - before) / times
+
     def stall(self) -> None:
         self.flowing.clear()
 

@@ -212,18 +212,14 @@ def test_a_purchase_takes_two_round_trips_to_the_database_and_an_atomic_one_take
         headers = {"Idempotency-Key": f"{mode}-{next(count)}"} if key else {}
         assert client.post("/orders", json={"buyer": "counted"}, headers=headers).status_code == 201
 
-    for _ in range(6):
-        buy()  # the worker's settings seen, its connection, the count it saw
-    before = proxy.turns
-    for _ in range(10):
-        buy()
+    turns = proxy.turns_per(buy, 10)
 
     # A sale's round trips: BEGIN, its hold, the settings, its guard and its read; then its write, order, key and
     # COMMIT. A read that goes nowhere (the atomic mode's) saves the first. A key's lookup goes with the read, and
     # takes a round trip of its own where there is none (the atomic mode's) or where the read must go alone (a claim).
     read = MODES[mode].read
     expected = 2 - (read is Read.SEEN) + (key and read in (Read.SEEN, Read.CLAIM))
-    assert (proxy.turns - before) / 10 == expected
+    assert turns == expected
 
 
 # --- Switching modes ---------------------------------------------------------------------------------------------

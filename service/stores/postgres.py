@@ -874,9 +874,10 @@ def _take_from(held: list[tuple[int, int]], quantity: int) -> list[tuple[int, in
     """(bucket, tickets) taken from the ``held`` (bucket, count) pairs: the fullest first, until ``quantity``."""
     taken: list[tuple[int, int]] = []
     for bucket, count in sorted(held, key=lambda pair: -pair[1]):
-        tickets = min(count, quantity - sum(given for _, given in taken))
+        tickets = min(count, quantity)
         if tickets > 0:
             taken.append((bucket, tickets))
+            quantity -= tickets
     return taken
 
 
